@@ -1,0 +1,133 @@
+"""The schema of every configuration: dataclasses registered in Hydra's ConfigStore.
+
+These dataclasses are the only schema. YAML files under `conf/` only choose values, so a key that is
+not declared here, or a value of the wrong type, fails when Hydra composes the config, before any
+work, with the key's name in the message. Defaults are the paper's (R1_SPEC.md) where it states one;
+the embedded tiny experiment (`conf/experiment/tiny.yaml`) overrides what a CPU run needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    # A preset name from r1mega.models.config (e.g. "tiny_deepseek_v3"), used when `path` is unset.
+    preset: str = "tiny_deepseek_v3"
+    # A local Hugging Face directory or an r1mega native checkpoint directory.
+    path: Optional[str] = None
+    # "base" pretrains (once, then cached) the tiny preset on synthetic demonstrations before RL.
+    init: str = "base"
+    dtype: str = "float32"
+    # Sequences per pretraining step and steps, for init=base.
+    base_steps: int = 300
+    base_batch_size: int = 32
+    base_lr: float = 3e-3
+    # Share of pretraining demonstrations with a deliberately wrong answer: what RL has to fix.
+    base_wrong_rate: float = 0.5
+    base_bad_format_rate: float = 0.2
+
+
+@dataclass
+class DataConfig:
+    # A synthetic task ("arithmetic", "countdown") or "file" to read `path`.
+    task: str = "arithmetic"
+    path: Optional[str] = None
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    template: str = "r1_zero"
+    difficulty: int = 1
+    train_size: int = 20000
+    test_size: int = 256
+    tokenizer: Optional[str] = None  # a local tokenizer directory; None builds the default
+
+
+@dataclass
+class RewardConfig:
+    # name -> weight; R1's rule reward is accuracy + format with equal weights.
+    components: dict[str, float] = field(default_factory=lambda: {"math_accuracy": 1.0, "format_r1_zero": 1.0})
+    num_workers: int = 0
+    timeout: float = 10.0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "native"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    # [[step, max_new_tokens], ...]: the length in force from each step on (paper: 32,768, then 65,536
+    # after step 8.2k).
+    max_new_tokens: list[list[int]] = field(default_factory=lambda: [[0, 32768], [8200, 65536]])
+    max_slots: int = 512
+    kv_cache_bytes: int = 0  # 0: sized from max_slots and the longest sequence
+
+
+@dataclass
+class AlgoConfig:
+    questions_per_step: int = 32
+    group_size: int = 16
+    mini_batches: int = 16
+    inner_epochs: int = 1
+    lr: float = 3e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 0
+    schedule: str = "constant"  # or "cosine"
+    grad_clip: float = 1.0
+    beta: float = 0.001
+    clip_low: float = 10.0
+    clip_high: float = 10.0
+    agg: str = "seq-mean-token-mean"
+    adv_eps: float = 1e-6
+    scale_by_std: bool = True
+    kl_in_reward: bool = False
+    ref_reset_every: int = 400
+    token_budget: int = 16384  # tokens per micro-batch after packing
+    expert_bias_rate: float = 0.001
+    max_nan_steps: int = 3
+
+
+@dataclass
+class ParallelConfig:
+    dp_shard: int = -1  # -1: whatever the other dimensions leave
+    dp_replicate: int = 1
+    tp: int = 1
+    ep: int = 1
+    pp: int = 1
+    activation_checkpointing: str = "none"  # "none", "full", "selective"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10400
+    seed: int = 0
+    out_dir: str = "runs/default"
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    resume: bool = False
+    eval_every: int = 50
+    eval_samples: int = 1
+    device: str = "auto"
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="r1mega_schema", node=Config)

@@ -1,0 +1,92 @@
+"""Builds what a run needs from its config: device, tokenizer, prompt sets, policy, engine, scorer.
+
+Each builder reads one config section; the trainers call them and never branch on which engine,
+task or checkpoint format they got.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from r1mega.config import Config, DataConfig, ModelConfig, RolloutConfig
+from r1mega.data.datasets import load_prompt_dataset
+from r1mega.data.tasks import make_task_dataset
+from r1mega.data.templates import get_template
+from r1mega.data.tokenizer import Tokenizer, build_default_tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
+    if data.tokenizer:
+        return Tokenizer.from_dir(data.tokenizer)
+    if model.path:
+        return Tokenizer.from_dir(model.path)
+    return build_default_tokenizer()
+
+
+def build_prompt_sets(data: DataConfig, seed: int) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """(train rows, held-out rows), each row holding at least "prompt" (rendered) and "answer"."""
+    if data.task == "file":
+        if not data.path:
+            raise ValueError("data.task=file needs data.path")
+        rows = load_prompt_dataset(data.path, prompt_key=data.prompt_key, answer_key=data.answer_key)
+        held_out = max(1, min(data.test_size, len(rows) // 10))
+        train, test = rows[held_out:], rows[:held_out]
+    else:
+        train = make_task_dataset(data.task, split="train", size=data.train_size, difficulty=data.difficulty, seed=seed)
+        test = make_task_dataset(data.task, split="test", size=data.test_size, difficulty=data.difficulty, seed=seed)
+    template = get_template(data.template)
+    render = lambda row: {**row, "question": row["prompt"], "prompt": template(row["prompt"])}  # noqa: E731
+    return [render(r) for r in train], [render(r) for r in test]
+
+
+def build_policy(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int):
+    """The policy `Transformer` from a checkpoint, or the tiny preset pretrained on demonstrations."""
+    from r1mega.models import config as presets
+    from r1mega.models.checkpoint import load_native
+    from r1mega.models.hf import load as load_hf
+
+    if model_cfg.path:
+        path = Path(model_cfg.path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model.path={path} has no config.json")
+        model, _ = load_native(path) if (path / "r1mega.json").exists() else load_hf(path)
+        return model
+    if model_cfg.init == "base":
+        from r1mega.trainers.base_model import pretrained_base
+
+        return pretrained_base(model_cfg, tokenizer, data, seed)
+    preset = getattr(presets, model_cfg.preset, None)
+    if preset is None:
+        raise ValueError(f"model.preset={model_cfg.preset!r} is not a preset of r1mega.models.config")
+    from r1mega.models import Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(preset(vocab_size=tokenizer.vocab_size))
+
+
+def build_engine(rollout: RolloutConfig, policy, tokenizer: Tokenizer, max_len: int, device):
+    if rollout.engine == "native":
+        from r1mega.rollout.native import NativeEngine
+
+        return NativeEngine(policy, tokenizer, max_slots=rollout.max_slots, max_len=max_len,
+                            kv_cache_bytes=rollout.kv_cache_bytes or None, device=device)
+    if rollout.engine == "sglang":
+        from r1mega.rollout.sglang import SGLangEngine
+
+        return SGLangEngine.from_policy(policy, tokenizer, rollout)
+    raise ValueError(f"rollout.engine={rollout.engine!r}: expected 'native' or 'sglang'")
+
+
+def longest_sequence(cfg: Config, train_rows, tokenizer: Tokenizer) -> int:
+    longest_prompt = max(len(tokenizer.encode(r["prompt"])) for r in train_rows[:2048])
+    longest_response = max(value for _, value in cfg.rollout.max_new_tokens)
+    return longest_prompt + longest_response + 1

@@ -1,0 +1,178 @@
+"""GRPO, as DeepSeek-R1 trains with it: the driver of a run.
+
+Each step: Q questions x G samples from the engine; rule rewards; group advantages; old and reference
+logprobs recomputed by the trainer (the engine's are kept to log the mismatch); inner epochs of
+shuffled mini-batches through the fused logprob + GRPO loss; the MoE expert-bias update; the new
+weights copied into the engine in place; metrics; a checkpoint every N steps; the reference replaced
+by the policy every `ref_reset_every` steps. The maths lives in r1mega.ops; this file is the order.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+import torch
+
+from r1mega.config import Config
+from r1mega.models.balance import expert_load_stats, update_expert_bias
+from r1mega.ops.group_advantages import group_advantages
+from r1mega.rewards import ScoringPool
+from r1mega.rollout.engine import SamplingParams
+from r1mega.trainers import checkpoint
+from r1mega.trainers.components import (
+    build_engine, build_policy, build_prompt_sets, build_tokenizer, longest_sequence, pick_device,
+)
+from r1mega.trainers.evaluate import evaluate, rollout_metrics
+from r1mega.trainers.metrics import MetricsLogger
+from r1mega.trainers.plots import plot_metrics
+from r1mega.trainers.policy_update import sequence_logprobs, update_policy
+from r1mega.trainers.prompts import PromptStream
+from r1mega.trainers.rollout_batch import RolloutBatch
+from r1mega.trainers.schedule import lr_factor, value_at
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Config):
+        self.cfg, algo = cfg, cfg.algo
+        torch.manual_seed(cfg.train.seed)
+        self.device = pick_device(cfg.train.device)
+        self.tokenizer = build_tokenizer(cfg.data, cfg.model)
+        train_rows, self.test_rows = build_prompt_sets(cfg.data, cfg.train.seed)
+        self.prompts = PromptStream(train_rows, cfg.train.seed)
+        self.policy = build_policy(cfg.model, self.tokenizer, cfg.data, cfg.train.seed).to(self.device)
+        self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.engine = build_engine(cfg.rollout, self.policy, self.tokenizer,
+                                   longest_sequence(cfg, train_rows, self.tokenizer), self.device)
+        self.scorer = ScoringPool(list(cfg.reward.components.items()), cfg.reward.num_workers, cfg.reward.timeout)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
+                                           weight_decay=algo.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, warmup_steps=algo.warmup_steps, total_steps=cfg.train.steps, kind=algo.schedule))
+        self.shuffle = random.Random(cfg.train.seed)
+        self.step, self.nan_streak = 0, 0
+        if cfg.train.resume:
+            self._resume()
+        self.logger = MetricsLogger(cfg.train.out_dir, resume_step=self.step - 1 if cfg.train.resume else None,
+                                    tensorboard=cfg.train.tensorboard, wandb_project=cfg.train.wandb_project)
+
+    def sampling(self, step: int, *, n: int | None = None, greedy: bool = False) -> SamplingParams:
+        rollout = self.cfg.rollout
+        return SamplingParams(
+            n=n or self.cfg.algo.group_size, temperature=0.0 if greedy else rollout.temperature,
+            top_p=rollout.top_p, top_k=rollout.top_k, max_new_tokens=value_at(rollout.max_new_tokens, step),
+            stop_token_ids=[self.tokenizer.eos_token_id], seed=self.cfg.train.seed * 1_000_003 + step)
+
+    def train_step(self) -> dict[str, float]:
+        cfg, algo, step, timings = self.cfg, self.cfg.algo, self.step, {}
+        started = time.perf_counter()
+        rows = self.prompts.take(algo.questions_per_step)
+        groups = self.engine.generate([self.tokenizer.encode(r["prompt"]) for r in rows], self.sampling(step))
+        samples = [sample for group in groups for sample in group]
+        sample_rows = [row for row in rows for _ in range(algo.group_size)]
+        timings["time/rollout"] = time.perf_counter() - started
+
+        scores = self.scorer.score([s.text for s in samples], sample_rows)
+        batch = RolloutBatch.from_samples(samples, torch.as_tensor(scores.rewards, dtype=torch.float32))
+        logprob_args = dict(temperature=cfg.rollout.temperature, token_budget=algo.token_budget, device=self.device)
+        started = time.perf_counter()
+        batch.old_logp = sequence_logprobs(self.policy, batch, **logprob_args)
+        if algo.beta > 0:
+            batch.ref_logp = sequence_logprobs(self.reference, batch, **logprob_args)
+        rewards = batch.rewards
+        if algo.kl_in_reward and batch.ref_logp is not None:
+            rewards = rewards - algo.beta * ((batch.old_logp - batch.ref_logp) * batch.mask).sum(1)
+        batch.advantages = group_advantages(rewards, group_size=algo.group_size, eps=algo.adv_eps,
+                                            scale_by_std=algo.scale_by_std)
+        stats = update_policy(self.policy, self.optimizer, self.scheduler, batch, algo,
+                              temperature=cfg.rollout.temperature, device=self.device, generator=self.shuffle)
+        timings["time/train"] = time.perf_counter() - started
+
+        update_expert_bias(self.policy, algo.expert_bias_rate)
+        started = time.perf_counter()
+        self.engine.update_weights(self.policy.state_dict().items(), version=step + 1)
+        timings["time/weight_sync"] = time.perf_counter() - started
+        if (step + 1) % algo.ref_reset_every == 0:
+            self.reference.load_state_dict(self.policy.state_dict())
+        self._count_nan_steps(stats["train/nan_steps"])
+        return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats,
+                **expert_load_stats(self.policy), **timings, "lr": self.scheduler.get_last_lr()[0]}
+
+    def _count_nan_steps(self, skipped: float) -> None:
+        self.nan_streak = self.nan_streak + 1 if skipped else 0
+        if self.nan_streak >= self.cfg.algo.max_nan_steps:
+            raise FloatingPointError(f"{self.nan_streak} steps in a row had a NaN/inf loss or gradient; stopping")
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.engine, self.tokenizer, self.test_rows, self.scorer,
+                        self.sampling(self.step, n=self.cfg.train.eval_samples, greedy=True))
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg.train
+        first = self.evaluate() if self.step == 0 else None
+        if first is not None:
+            print(f"held-out accuracy before RL: {first['eval/accuracy']:.3f}")
+        progress = _progress(range(self.step, cfg.steps), enabled=cfg.progress)
+        for self.step in progress:
+            metrics = self.train_step()
+            if first is not None and self.step == 0:
+                metrics.update({f"{k}_initial": v for k, v in first.items()})
+            if (self.step + 1) % cfg.eval_every == 0 or self.step + 1 == cfg.steps:
+                metrics.update(self.evaluate())
+            self.logger.log(self.step, metrics)
+            _describe(progress, metrics)
+            if (self.step + 1) % cfg.save_every == 0 or self.step + 1 == cfg.steps:
+                self.save(self.step + 1)
+        self.logger.close()
+        plot_metrics(self.logger.jsonl)
+        return self.logger.rows[-1] if self.logger.rows else {}
+
+    def save(self, next_step: int) -> None:
+        state = {
+            "step": next_step, "policy": self.policy.state_dict(), "reference": self.reference.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "prompts": self.prompts.state_dict(), "shuffle": self.shuffle.getstate(), "nan_streak": self.nan_streak,
+            "torch_rng": torch.get_rng_state(), "engine_version": self.engine.version,
+        }
+        checkpoint.save(self.cfg.train.out_dir + "/checkpoints", next_step, state, keep=self.cfg.train.keep_checkpoints)
+
+    def _resume(self) -> None:
+        path = checkpoint.latest(self.cfg.train.out_dir + "/checkpoints")
+        if path is None:
+            print(f"resume=true but {self.cfg.train.out_dir}/checkpoints holds no checkpoint: starting afresh")
+            return
+        state = checkpoint.load(path)
+        self.policy.load_state_dict(state["policy"])
+        self.reference.load_state_dict(state["reference"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.prompts.load_state_dict(state["prompts"])
+        self.shuffle.setstate(state["shuffle"])
+        self.nan_streak = state["nan_streak"]
+        torch.set_rng_state(state["torch_rng"])
+        self.engine.update_weights(self.policy.state_dict().items(), version=state["engine_version"])
+        self.step = state["step"]
+        print(f"resumed from {path} at step {self.step}")
+
+
+def _progress(steps, *, enabled: bool):
+    if not enabled:
+        return steps
+    from tqdm import tqdm
+
+    return tqdm(steps, desc="GRPO", dynamic_ncols=True)
+
+
+def _describe(progress, metrics: dict[str, float]) -> None:
+    if hasattr(progress, "set_postfix"):
+        progress.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}", acc=f"{metrics.get('accuracy', 0):.3f}",
+                             len=f"{metrics.get('response_length/mean', 0):.1f}", refresh=False)
+
+
+def train(cfg: Config) -> dict[str, float]:
+    trainer = GRPOTrainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.scorer.close()

@@ -1,0 +1,84 @@
+"""The trainer's side of a GRPO step: per-token logprobs, and the clipped-ratio update.
+
+Logprobs and the loss both run on packed micro-batches (whole sequences up to a token budget) and go
+through the fused vocabulary-chunked ops, so no [tokens, vocabulary] tensor ever exists.
+
+Micro-batch losses are weighted so that their sum equals the loss of the whole mini-batch under the
+configured aggregation: by the share of sequences (sequence-level means) or of valid tokens
+(token-mean), since the op normalises within the tensors it is given.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from r1mega.ops.linear_grpo_loss import linear_grpo_loss
+from r1mega.trainers.rollout_batch import RolloutBatch
+from r1mega.trainers.token_batch import response_hidden, response_logprobs
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch: RolloutBatch, *, temperature: float, token_budget: int, device) -> torch.Tensor:
+    """Logprob [S, R] of each response token under `model` (0 where masked)."""
+    out = torch.zeros_like(batch.mask)
+    for index in batch.micro_batches(token_budget):
+        micro = batch.select(index)
+        logp = response_logprobs(model, micro, temperature=temperature, device=device)  # [s, r]
+        out[torch.tensor(index)[:, None], torch.arange(logp.shape[1])[None]] = logp.float().cpu()
+    return out
+
+
+def _share(micro: RolloutBatch, mini: RolloutBatch, agg: str) -> float:
+    if agg == "token-mean":
+        return float(micro.mask.sum() / mini.mask.sum().clamp(min=1))
+    return float((micro.mask.sum(1) > 0).sum() / (mini.mask.sum(1) > 0).sum().clamp(min=1))
+
+
+def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, temperature: float, device,
+                  generator: random.Random) -> dict[str, float]:
+    """Inner epochs over shuffled mini-batches: forward, fused logprob + GRPO loss, backward, step.
+
+    Returns the mean of each statistic over optimizer steps, plus `nan_steps`: updates skipped
+    because the loss or the gradient norm was not finite.
+    """
+    totals: dict[str, float] = {}
+    updates = nan_steps = 0
+    beta = 0.0 if algo.kl_in_reward or batch.ref_logp is None else algo.beta
+    for _ in range(algo.inner_epochs):
+        order = list(range(len(batch)))
+        generator.shuffle(order)
+        size = math.ceil(len(order) / algo.mini_batches)
+        for start in range(0, len(order), size):
+            mini = batch.select(order[start:start + size])
+            optimizer.zero_grad(set_to_none=True)
+            step_stats: dict[str, float] = {}
+            for index in mini.micro_batches(algo.token_budget):
+                micro = mini.select(index)
+                hidden = response_hidden(model, micro, device)
+                ref = None if beta == 0.0 else micro.ref_logp.to(device)
+                loss, stats = linear_grpo_loss(
+                    hidden, model.output_weight, micro.response_ids.to(device), micro.old_logp.to(device), ref,
+                    micro.advantages.to(device), micro.mask.to(device), temperature=temperature,
+                    clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg)
+                share = _share(micro, mini, algo.agg)
+                (loss * share).backward()
+                step_stats["loss"] = step_stats.get("loss", 0.0) + float(loss) * share
+                for key, value in stats.items():
+                    step_stats[key] = step_stats.get(key, 0.0) + float(value) * share
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), algo.grad_clip)
+            if not (math.isfinite(step_stats["loss"]) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                nan_steps += 1
+                continue
+            optimizer.step()
+            updates += 1
+            step_stats["grad_norm"] = float(grad_norm)
+            for key, value in step_stats.items():
+                totals[key] = totals.get(key, 0.0) + value
+    scheduler.step()
+    means = {f"train/{k}": v / max(1, updates) for k, v in totals.items()}
+    means["train/nan_steps"] = float(nan_steps)
+    return means

@@ -1,0 +1,28 @@
+"""The rollout buffer of one GRPO step: sampled sequences with rewards, advantages and logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1mega.trainers.token_batch import TokenBatch
+
+
+@dataclass
+class RolloutBatch(TokenBatch):
+    engine_logp: torch.Tensor  # [S, R] logprobs the engine sampled with
+    rewards: torch.Tensor  # [S]
+    advantages: torch.Tensor | None = None  # [S]
+    old_logp: torch.Tensor | None = None  # [S, R]
+    ref_logp: torch.Tensor | None = None  # [S, R]
+
+    @classmethod
+    def from_samples(cls, samples, rewards: torch.Tensor) -> "RolloutBatch":
+        """`samples`: a flat list of engine `Sample`s, group after group."""
+        response_ids, mask = cls.pad([list(s.token_ids) for s in samples])
+        engine_logp, _ = cls.pad([[0] * len(s.token_ids) for s in samples])
+        engine_logp = engine_logp.float()
+        for i, sample in enumerate(samples):
+            engine_logp[i, :len(sample.logprobs)] = torch.tensor(sample.logprobs, dtype=torch.float32)
+        return cls([list(s.prompt_ids) for s in samples], response_ids, mask, engine_logp, rewards.float())
