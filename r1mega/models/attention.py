@@ -1,0 +1,133 @@
+"""Causal self-attention: grouped-query (Llama, Qwen2, Qwen3) and multi-head latent (DeepSeek-V3).
+
+Both projections end in `attend`, which has three paths, all through
+`torch.nn.functional.scaled_dot_product_attention` and none building a [T, T] mask on the training
+paths, so memory stays linear in T:
+- plain: one causal SDPA call over the whole batch;
+- packed (`segment_ids`): one causal SDPA call per contiguous segment of each row, so attention
+  stays within a segment;
+- cache (`KVCache` + `slots`): this call's keys and values are written at their positions, then the
+  queries attend over their slot's cache up to their own position (prefill and decode alike). This
+  path builds a [B, T, L] boolean mask, small for decode; long prefills pay T x L booleans.
+
+Deliberately left out: dropout, sliding windows, caching MLA's compressed latent (kv_cache.py caches
+expanded keys and values), and a varlen kernel for the packed path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1mega.models import rope
+from r1mega.models.kv_cache import KVCache
+from r1mega.models.norm import RMSNorm
+
+
+@dataclass
+class AttnContext:
+    """What every layer's attention needs about this forward call, computed once by the Transformer."""
+
+    cos: torch.Tensor  # [B, T, rope_dim/2]
+    sin: torch.Tensor
+    spans: Optional[list[list[tuple[int, int]]]] = None  # packed path: per row, [start, end) of each segment
+    cache: Optional[KVCache] = None
+    slots: Optional[torch.Tensor] = None  # [B]
+    positions: Optional[torch.Tensor] = None  # [B, T], cache path
+    cache_len: int = 0  # keys read from each slot: max position + 1
+
+
+def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: AttnContext) -> torch.Tensor:
+    """q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] -> [B, T, H, Dv]."""
+    gqa = q.shape[2] != k.shape[2]
+    if ctx.cache is not None:
+        ctx.cache.write(layer, ctx.slots, ctx.positions, k, v)
+        k, v = ctx.cache.read(layer, ctx.slots, ctx.cache_len)  # [B, L, Hkv, D]
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        # a query at position p sees cache indices 0..p of its slot; later indices may be stale
+        visible = torch.arange(ctx.cache_len, device=q.device) <= ctx.positions[..., None]  # [B, T, L]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=visible[:, None], scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+    if ctx.spans is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    rows = []
+    for b, spans in enumerate(ctx.spans):
+        rows.append(torch.cat([
+            F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                           is_causal=True, scale=scale, enable_gqa=gqa)
+            for s, e in spans], dim=2))
+    return torch.cat(rows, dim=0).transpose(1, 2)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention; optional q/k/v bias (Qwen2), output bias, per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, config, layer: int):
+        super().__init__()
+        self.layer, self.config = layer, config
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        h = config.hidden_size
+        self.wq = nn.Linear(h, self.n_heads * self.head_dim, bias=config.attention_bias)
+        self.wk = nn.Linear(h, self.n_kv * self.head_dim, bias=config.attention_bias)
+        self.wv = nn.Linear(h, self.n_kv * self.head_dim, bias=config.attention_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, h, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.scale = rope.softmax_scale(config)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.wk(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.wv(x).view(b, t, self.n_kv, self.head_dim)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rope.apply(q, ctx.cos, ctx.sin, interleaved=False)
+        k = rope.apply(k, ctx.cos, ctx.sin, interleaved=False)
+        return self.wo(attend(self.layer, q, k, v, self.scale, ctx).reshape(b, t, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention: low-rank q (or a plain q projection when q_lora_rank is None),
+    keys/values expanded from a normed kv_lora_rank latent, plus one rope key shared by all heads."""
+
+    def __init__(self, config, layer: int):
+        super().__init__()
+        self.layer, self.config = layer, config
+        h, n = config.hidden_size, config.num_attention_heads
+        self.n_heads, self.nope, self.v_dim = n, config.qk_nope_head_dim, config.v_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        qk = self.nope + self.rope_dim
+        if config.q_lora_rank is None:
+            self.wq = nn.Linear(h, n * qk, bias=False)
+        else:
+            self.wq_a = nn.Linear(h, config.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(config.q_lora_rank)  # eps 1e-6 as transformers, not rms_norm_eps
+            self.wq_b = nn.Linear(config.q_lora_rank, n * qk, bias=False)
+        self.wkv_a = nn.Linear(h, config.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(config.kv_lora_rank)
+        self.wkv_b = nn.Linear(config.kv_lora_rank, n * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(n * self.v_dim, h, bias=False)
+        self.scale = rope.softmax_scale(config)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.wq(x) if self.config.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_rope = q.view(b, t, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
+        latent, k_rope = self.wkv_a(x).split([self.config.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.wkv_b(self.kv_norm(latent)).view(b, t, self.n_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        interleaved = self.config.rope_interleave
+        q_rope = rope.apply(q_rope, ctx.cos, ctx.sin, interleaved=interleaved)
+        k_rope = rope.apply(k_rope[:, :, None], ctx.cos, ctx.sin, interleaved=interleaved)  # [B, T, 1, rope]
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
+        return self.wo(attend(self.layer, q, k, v, self.scale, ctx).reshape(b, t, -1))

@@ -1,0 +1,59 @@
+"""DeepSeek-V3's auxiliary-loss-free load balancing, and expert-load metrics.
+
+After each optimizer step, every MoE layer's selection bias moves against its load:
+    b_e <- b_e - rate * sign(load_e - mean(load))
+so overloaded experts become less likely to be chosen and underloaded ones more. The load is the
+number of tokens routed to each expert since the previous update (training-mode forwards; the last
+forward's load when there was none). The bias only selects experts, it never weights them, and it
+moves outside autograd.
+
+Deliberately left out: summing loads across data-parallel ranks (r1mega/parallel all-reduces
+`load_since_update` before calling this), the sequence-wise auxiliary loss of the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from r1mega.models.moe import MoE
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def _load(moe: MoE) -> torch.Tensor | None:
+    return moe.load_since_update if moe.load_since_update is not None else moe.last_expert_load
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, rate: float) -> None:
+    """One balancing step for every MoE layer with a selection bias; resets the accumulated loads."""
+    for _, moe in moe_layers(model):
+        load = _load(moe)
+        if moe.router.expert_bias is not None and load is not None:
+            load = load.float()
+            bias = moe.router.expert_bias
+            bias -= rate * torch.sign(load - load.mean()).to(device=bias.device, dtype=bias.dtype)
+        moe.load_since_update = None
+
+
+@torch.no_grad()
+def expert_load_stats(model: nn.Module) -> dict[str, float]:
+    """Per MoE layer, max/mean expert load (1.0 is perfect balance) over the loads counted so far,
+    plus the mean over layers; empty when no MoE layer has run."""
+    stats: dict[str, float] = {}
+    ratios = []
+    for name, moe in moe_layers(model):
+        load = _load(moe)
+        if load is None or load.sum() == 0:
+            continue
+        load = load.float()
+        ratio = float(load.max() / load.mean())
+        stats[f"moe/{name}/max_over_mean_load"] = ratio
+        stats[f"moe/{name}/unused_experts"] = float((load == 0).sum())
+        ratios.append(ratio)
+    if ratios:
+        stats["moe/max_over_mean_load"] = sum(ratios) / len(ratios)
+    return stats

@@ -1,0 +1,126 @@
+"""`Transformer`: one decoder-only model for DeepSeek-V3, Llama, Qwen2, Qwen3 and Qwen3-MoE.
+
+Pre-norm blocks (RMSNorm -> attention -> residual, RMSNorm -> FFN -> residual); attention is MLA for
+DeepSeek-V3 and GQA otherwise (attention.py); the FFN is a SwiGLU or, where the config says so, a
+mixture of experts (moe.py). Parameter names are the native layout (hf/ maps them to Hugging Face):
+    embed.weight, layers.{i}.attn_norm.weight, layers.{i}.attn.{wq,wk,wv,wo,...},
+    layers.{i}.ffn_norm.weight, layers.{i}.ffn.{gate,up,down}.weight (dense) or
+    layers.{i}.ffn.{router.weight, router.expert_bias, experts.{gate,up,down}, shared.*} (MoE),
+    norm.weight, lm_head.weight (absent when tie_word_embeddings).
+
+Deliberately left out: devices and parallelism (r1mega/parallel applies them afterwards), dropout,
+multi-token prediction, sampling (the rollout engine samples from the logits).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1mega.models import rope
+from r1mega.models.attention import AttnContext, GQAttention, MLAttention
+from r1mega.models.config import ModelConfig
+from r1mega.models.kv_cache import KVCache
+from r1mega.models.moe import MoE, SwiGLU
+from r1mega.models.norm import RMSNorm
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = MLAttention(config, layer) if config.is_mla else GQAttention(config, layer)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn = MoE(config) if config.is_moe_layer(layer) else SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+def segment_spans(segment_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
+    """Per row of segment_ids [B, T], the [start, end) of each run of equal ids (a packed sequence)."""
+    changes = (segment_ids[:, 1:] != segment_ids[:, :-1]).cpu()  # [B, T-1]
+    t = segment_ids.shape[1]
+    spans = []
+    for row in changes:
+        bounds = [0] + (row.nonzero().flatten() + 1).tolist() + [t]
+        spans.append(list(zip(bounds[:-1], bounds[1:])))
+    return spans
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] restarting at 0 where each run of equal segment ids starts."""
+    b, t = segment_ids.shape
+    idx = torch.arange(t, device=segment_ids.device).expand(b, t)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The [V, H] output matrix: lm_head, or the embedding when tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> None:
+        """Random init for training from scratch: N(0, std) matrices, unit norms, zero biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                for p in (module.router.weight, module.experts.gate, module.experts.up, module.experts.down):
+                    nn.init.normal_(p, std=std)
+                if module.router.expert_bias is not None:
+                    module.router.expert_bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                slots: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> float logits [B, T, V], or final-normed hidden states [B, T, H] if return_hidden.
+
+        segment_ids [B, T]: packed rows; each run of equal ids attends only within itself and, unless
+        position_ids is given, restarts at position 0. cache + slots [B]: write this call's keys and
+        values at position_ids (required) in the slots' cache rows and attend over them.
+        """
+        b, t = input_ids.shape
+        ctx_kw = {}
+        if cache is not None:
+            if position_ids is None or slots is None:
+                raise ValueError("Transformer.forward: a KV cache needs position_ids and slots")
+            if segment_ids is not None:
+                raise ValueError("Transformer.forward: segment_ids and a KV cache cannot be combined")
+            ctx_kw = dict(cache=cache, slots=slots, positions=position_ids, cache_len=int(position_ids.max()) + 1)
+        elif segment_ids is not None:
+            ctx_kw = dict(spans=segment_spans(segment_ids))
+            if position_ids is None:
+                position_ids = segment_positions(segment_ids)
+        if position_ids is None:
+            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        h = self.embed(input_ids)  # [B, T, H]
+        cos, sin = rope.cos_sin(self.config, position_ids, h.dtype)
+        ctx = AttnContext(cos=cos, sin=sin, **ctx_kw)
+        for layer in self.layers:
+            h = layer(h, ctx)
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        return F.linear(h, self.output_weight).float()
