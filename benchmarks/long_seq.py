@@ -1,0 +1,85 @@
+"""Peak memory and time of one forward+backward of the tiny model at long sequence lengths.
+
+    python benchmarks/long_seq.py                      # 8,192 .. 65,536 tokens
+    python benchmarks/long_seq.py --lengths 1024 2048  # a quick look
+
+One packed row of T tokens; full activation checkpointing; the loss is the mean log-probability of the
+next token from the final hidden states through `r1mega.ops.linear_logprob`, so no [T, V] logits
+tensor is built by the model (the op's chunking decides the rest). Each length runs in a fresh
+process: on CUDA the peak is `torch.cuda.max_memory_allocated`, on CPU the growth of the peak
+resident set size over the size before the step (the libraries' fixed footprint left out). Memory
+should grow linearly: the check printed at the end is peak(65,536) <= 8.5 x peak(8,192).
+
+Deliberately left out: the optimizer step (its memory does not depend on T) and other models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def one(length: int) -> dict:
+    from r1mega.models.config import tiny_deepseek_v3
+    from r1mega.models.transformer import Transformer
+    from r1mega.ops.linear_logprob import linear_logprob
+    from r1mega.parallel.checkpointing import apply_activation_checkpointing
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    model = Transformer(tiny_deepseek_v3(512, max_position_embeddings=max(length, 4096))).to(device)
+    apply_activation_checkpointing(model, "full")
+    ids = torch.randint(512, (1, length + 1), device=device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    hidden = model(ids[:, :-1], return_hidden=True)[0]  # [T, H]
+    logp, _ = linear_logprob(hidden, model.output_weight, ids[0, 1:])
+    (-logp.mean()).backward()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"tokens": length, "seconds": time.perf_counter() - start, "peak_bytes": peak, "device": device.type}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one length, print JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one)))
+        return
+    rows = []
+    for length in args.lengths:
+        out = subprocess.run([sys.executable, __file__, "--one", str(length)], capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{r['tokens']:>7} tokens  {r['seconds']:8.2f} s  peak {r['peak_bytes'] / 2**20:9.1f} MiB  ({r['device']})",
+              flush=True)
+    if len(rows) > 1:
+        ratio = rows[-1]["peak_bytes"] / rows[0]["peak_bytes"]
+        scale = rows[-1]["tokens"] / rows[0]["tokens"]
+        bound = 8.5 * scale / 8
+        print(f"peak ratio {ratio:.2f} for {scale:.0f}x the tokens (linear: {scale:.0f}; bound {bound:.2f}): "
+              f"{'OK' if ratio <= bound else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()

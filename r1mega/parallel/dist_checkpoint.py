@@ -1,0 +1,67 @@
+"""Sharded, reshardable checkpoints with torch.distributed.checkpoint (DCP).
+
+Every rank writes its own shards; the metadata records each tensor's global shape and where every
+piece lives, so a checkpoint saved under one layout (say TP=2 x FSDP=2) loads under another,
+including a single process with no process group (`load` on a plain `nn.Module`). Parameter names are
+the unparallelized model's (FSDP2 and our activation checkpointing do not rename; DCP's state-dict
+helpers strip wrapper prefixes anyway).
+
+A save goes to `<path>.tmp` and is renamed to `<path>` by rank 0 once every rank has finished, so a
+kill never leaves a half-written checkpoint under the final name.
+
+Deliberately left out: asynchronous saves, and the trainer's own state (step, RNG, data position),
+which r1mega/trainers/checkpoint.py keeps.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+
+def _state(model: nn.Module, optimizer=None) -> dict:
+    state = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optim"] = get_optimizer_state_dict(model, optimizer)
+    return state
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(path: str | os.PathLike, model: nn.Module, optimizer=None) -> Path:
+    """Collective: every rank of the model's mesh calls it with the same path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+    _barrier()
+    if rank0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    _barrier()
+    return path
+
+
+def load(path: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
+    """Loads into `model` (and `optimizer`) in their current layout, whatever layout saved them."""
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path}: not a torch.distributed.checkpoint directory (no .metadata)")
+    state = _state(model, optimizer)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optim"])
