@@ -53,6 +53,11 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=visible[:, None], scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
+    v_dim = v.shape[-1]
+    if v_dim < q.shape[-1]:
+        # MLA has Dv < Dk: SDPA's flash kernel needs equal head dims and its fallback takes O(T^2)
+        # memory, so v is padded with zeros and the padded output columns dropped.
+        return attend(layer, q, k, F.pad(v, (0, q.shape[-1] - v_dim)), scale, ctx)[..., :v_dim]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
     if ctx.spans is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -85,9 +90,9 @@ class GQAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.wk(x).view(b, t, self.n_kv, self.head_dim)
-        v = self.wv(x).view(b, t, self.n_kv, self.head_dim)
+        q = self.wq(x).view(b, t, -1, self.head_dim)  # -1: the local heads under tensor parallel
+        k = self.wk(x).view(b, t, -1, self.head_dim)
+        v = self.wv(x).view(b, t, -1, self.head_dim)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = rope.apply(q, ctx.cos, ctx.sin, interleaved=False)
@@ -121,9 +126,9 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.wq(x) if self.config.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
-        q_nope, q_rope = q.view(b, t, self.n_heads, -1).split([self.nope, self.rope_dim], dim=-1)
+        q_nope, q_rope = q.view(b, t, -1, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
         latent, k_rope = self.wkv_a(x).split([self.config.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.wkv_b(self.kv_norm(latent)).view(b, t, self.n_heads, self.nope + self.v_dim)
+        kv = self.wkv_b(self.kv_norm(latent)).view(b, t, -1, self.nope + self.v_dim)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         interleaved = self.config.rope_interleave
         q_rope = rope.apply(q_rope, ctx.cos, ctx.sin, interleaved=interleaved)

@@ -123,4 +123,5 @@ class Transformer(nn.Module):
         h = self.norm(h)
         if return_hidden:
             return h
-        return F.linear(h, self.output_weight).float()
+        # Through the module when untied, so a tensor-parallel output layer's hooks run.
+        return (F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)).float()
