@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     from r1mega.data.tokenizer import Tokenizer, build_default_tokenizer
     from r1mega.models import Transformer, hf, preset
     from r1mega.rollout.engine import SamplingParams
-    from r1mega.rollout.sglang import SGLangEngine, SGLangOptions
+    from r1mega.config import SGLangConfig
+    from r1mega.rollout.sglang import SGLangEngine
 
     dtype = getattr(torch, args.dtype)
     if args.model_path:
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         policy = Transformer(preset(args.preset, vocab_size=tokenizer.vocab_size)).to("cuda", dtype)
     policy.eval()
-    options = SGLangOptions(url=args.url, dtype=args.dtype, mem_fraction_static=args.mem_fraction)
+    options = SGLangConfig(url=args.url, dtype=args.dtype, mem_fraction_static=args.mem_fraction)
     engine = step("start engine", lambda: SGLangEngine.from_policy(policy, tokenizer, options=options))
     failures = []
     try:

@@ -9,7 +9,7 @@ the embedded tiny experiment (`conf/experiment/tiny.yaml`) overrides what a CPU 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -55,6 +55,20 @@ class RewardConfig:
 
 
 @dataclass
+class SGLangConfig:
+    """How the SGLang engine is built (rollout.engine=sglang)."""
+
+    url: str = ""  # a running server (same node, for CUDA IPC weight updates); empty: in-process sglang.Engine
+    tp_size: int = 1
+    mem_fraction_static: float = 0.5  # GPU memory share SGLang takes for weights + KV cache
+    dtype: str = "bfloat16"  # the engine's weights; updates are cast to it before sending
+    bucket_bytes: int = 256 << 20
+    deterministic: bool = False  # --enable-deterministic-inference and per-sample seeds
+    timeout_s: float = 3600.0  # per generate call
+    server_args: dict[str, Any] = field(default_factory=dict)  # more sglang ServerArgs (in-process only)
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "native"
     temperature: float = 1.0
@@ -65,6 +79,7 @@ class RolloutConfig:
     max_new_tokens: list[list[int]] = field(default_factory=lambda: [[0, 32768], [8200, 65536]])
     max_slots: int = 512
     kv_cache_bytes: int = 0  # 0: sized from max_slots and the longest sequence
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The backend is `sglang.Engine` in this process (sglang_engine.py; `from_policy` saves the policy and
 tokenizer as a Hugging Face checkpoint in a temporary directory and starts it there, colocated on the
-same GPUs) or a running SGLang server (sglang_http.py, `SGLangOptions.url`). Both answer the same calls;
+same GPUs) or a running SGLang server (sglang_http.py, `SGLangConfig.url`). Both answer the same calls;
 this file holds what does not depend on which (request and response handling: sglang_protocol.py).
 
 - generate: one SGLang request per sample, all in one batch; prompts failing validation get error
@@ -32,12 +32,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from r1mega.config import SGLangConfig
 from r1mega.rollout.engine import Prompts, Sample, SamplingParams
 from r1mega.rollout.sglang_protocol import (RequestRejected, SGLangError, broadcast_meta, bucket_payloads, expand,
                                             flat_buckets, flatten, parse_output, to_hf, validate)
@@ -46,19 +46,6 @@ from r1mega.rollout.weight_sync import DEFAULT_BUCKET_BYTES, buckets
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"  # SGLang's memory tags
 ALL_TAGS = (WEIGHTS, KV_CACHE, CUDA_GRAPH)
 _FP32_NAMES = ("e_score_correction_bias",)  # kept in fp32 by SGLang's DeepSeek router
-
-
-@dataclass
-class SGLangOptions:
-    """How `from_policy` builds the engine (proposed as `rollout.sglang` in the Hydra schema)."""
-    url: str = ""  # a running server (same node for CUDA IPC updates); empty: in-process sglang.Engine
-    tp_size: int = 1
-    mem_fraction_static: float = 0.5  # GPU memory share SGLang takes for weights + KV cache
-    dtype: str = "bfloat16"  # the engine's weights; updates are cast to it before sending
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    deterministic: bool = False  # --enable-deterministic-inference and per-sample seeds
-    timeout_s: float = 3600.0  # per generate call
-    server_args: dict[str, Any] = field(default_factory=dict)  # more sglang ServerArgs (in-process only)
 
 
 def _concurrently(side: Callable[[], None], main: Callable[[], None], timeout_s: float) -> None:
@@ -111,10 +98,10 @@ class SGLangEngine:
         self.version = 0
 
     @classmethod
-    def from_policy(cls, policy, tokenizer, rollout_cfg=None, options: Optional[SGLangOptions] = None) -> "SGLangEngine":
+    def from_policy(cls, policy, tokenizer, rollout_cfg=None, options: Optional[SGLangConfig] = None) -> "SGLangEngine":
         """An engine serving `policy`'s current weights. Options: `options`, else `rollout_cfg.sglang`,
         else the defaults."""
-        options = options or getattr(rollout_cfg, "sglang", None) or SGLangOptions()
+        options = options or getattr(rollout_cfg, "sglang", None) or SGLangConfig()
         common = dict(config=policy.config, tokenizer=tokenizer, tp_size=options.tp_size,
                       dtype=getattr(torch, options.dtype), bucket_bytes=options.bucket_bytes,
                       send_seed=options.deterministic, timeout_s=options.timeout_s)

@@ -365,12 +365,12 @@ def test_sglang_engine_logprobs_match_the_trainer(tmp_path):
     from r1mega.models import Transformer
     from r1mega.models.config import tiny_deepseek_v3
     from r1mega.data.tokenizer import build_default_tokenizer
-    from r1mega.rollout.sglang import SGLangOptions
+    from r1mega.config import SGLangConfig
 
     tokenizer = build_default_tokenizer()
     torch.manual_seed(0)
     policy = Transformer(tiny_deepseek_v3(vocab_size=tokenizer.vocab_size)).cuda()
-    engine = SGLangEngine.from_policy(policy, tokenizer, options=SGLangOptions(dtype="float32", mem_fraction_static=0.3))
+    engine = SGLangEngine.from_policy(policy, tokenizer, options=SGLangConfig(dtype="float32", mem_fraction_static=0.3))
     try:
         prompt = tokenizer.encode("What is 2 + 3?")
         [[s]] = engine.generate([prompt], SamplingParams(temperature=0.8, max_new_tokens=16))
