@@ -65,6 +65,51 @@ def moe_unpermute_reference(y_sorted: torch.Tensor, row_map: torch.Tensor, weigh
     return (rows * weights.to(acc).unsqueeze(-1)).sum(dim=1).to(y_sorted.dtype)
 
 
+if hasattr(torch.ops.r1mega, "moe_permute"):  # the compiled library defines the schemas
+
+    @torch.library.register_fake("r1mega::moe_permute")
+    def _permute_fake(x, indices, num_experts):
+        n_pairs = indices.numel()
+        return (
+            x.new_empty(n_pairs, x.shape[1]),
+            indices.new_empty(num_experts, dtype=torch.int64),
+            indices.new_empty(n_pairs, dtype=torch.int64),
+        )
+
+    @torch.library.register_fake("r1mega::moe_permute_backward")
+    def _permute_backward_fake(grad_sorted, row_map, top_k):
+        return grad_sorted.new_empty(row_map.shape[0] // top_k, grad_sorted.shape[1])
+
+    @torch.library.register_fake("r1mega::moe_unpermute")
+    def _unpermute_fake(y_sorted, row_map, weights):
+        return y_sorted.new_empty(weights.shape[0], y_sorted.shape[1])
+
+    @torch.library.register_fake("r1mega::moe_unpermute_backward")
+    def _unpermute_backward_fake(grad_y, y_sorted, row_map, weights):
+        return torch.empty_like(y_sorted), torch.empty_like(weights)
+
+    def _permute_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output[2])
+        ctx.top_k = inputs[1].shape[1]
+
+    def _permute_backward(ctx, grad_sorted, _grad_counts, _grad_row_map):
+        (row_map,) = ctx.saved_tensors
+        return torch.ops.r1mega.moe_permute_backward(grad_sorted, row_map, ctx.top_k), None, None
+
+    def _unpermute_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _unpermute_backward(ctx, grad_y):
+        y_sorted, row_map, weights = ctx.saved_tensors
+        grad_y_sorted, grad_weights = torch.ops.r1mega.moe_unpermute_backward(grad_y, y_sorted, row_map, weights)
+        return grad_y_sorted, None, grad_weights
+
+    torch.library.register_autograd("r1mega::moe_permute", _permute_backward, setup_context=_permute_setup_context)
+    torch.library.register_autograd(
+        "r1mega::moe_unpermute", _unpermute_backward, setup_context=_unpermute_setup_context
+    )
+
+
 def moe_permute(
     x: torch.Tensor, indices: torch.Tensor, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

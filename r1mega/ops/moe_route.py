@@ -91,6 +91,31 @@ def moe_route_reference(
     return weights * scaling, indices
 
 
+if hasattr(torch.ops.r1mega, "moe_route"):  # the compiled library defines the schemas
+
+    @torch.library.register_fake("r1mega::moe_route")
+    def _route_fake(logits, bias, top_k, n_group, topk_group, scaling, score, norm_topk):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        shape = (logits.shape[0], top_k)
+        return logits.new_empty(shape, dtype=acc), logits.new_empty(shape, dtype=torch.int64)
+
+    @torch.library.register_fake("r1mega::moe_route_backward")
+    def _route_backward_fake(grad_weights, logits, indices, scaling, score, norm_topk):
+        return torch.empty_like(logits)
+
+    def _route_setup_context(ctx, inputs, output):
+        logits, _, _, _, _, scaling, score, norm_topk = inputs
+        ctx.save_for_backward(logits, output[1])
+        ctx.args = (scaling, score, norm_topk)
+
+    def _route_backward(ctx, grad_weights, _grad_indices):
+        logits, indices = ctx.saved_tensors
+        grad_logits = torch.ops.r1mega.moe_route_backward(grad_weights, logits, indices, *ctx.args)
+        return grad_logits, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("r1mega::moe_route", _route_backward, setup_context=_route_setup_context)
+
+
 def moe_route(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
@@ -105,7 +130,8 @@ def moe_route(
     """Route N tokens to top_k of E experts.
 
     logits: [N, E] router logits (x @ gate.T, any float dtype); bias: [E] or None (selection only).
-    Returns (weights [N, k] fp32 (fp64 for fp64 logits), indices [N, k] int64); see the module docstring for the rules.
+    Returns (weights [N, k] fp32 (fp64 for fp64 logits), indices [N, k] int64), by the rules of the
+    module docstring.
     """
     _check(logits, bias, top_k, n_group, topk_group, score)
     if not _extension.has_kernel("moe_route", logits.device):
