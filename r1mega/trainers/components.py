@@ -49,28 +49,22 @@ def build_prompt_sets(data: DataConfig, seed: int) -> tuple[list[Mapping[str, An
 
 
 def build_policy(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int):
-    """The policy `Transformer` from a checkpoint, or the tiny preset pretrained on demonstrations."""
-    from r1mega.models import config as presets
-    from r1mega.models.checkpoint import load_native
+    """The policy `Transformer`: from a checkpoint, the tiny preset pretrained on demonstrations, or random."""
+    from r1mega.models import Transformer, preset
+    from r1mega.models.checkpoint import is_native, load_native
     from r1mega.models.hf import load as load_hf
 
     if model_cfg.path:
         path = Path(model_cfg.path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model.path={path} has no config.json")
-        model, _ = load_native(path) if (path / "r1mega.json").exists() else load_hf(path)
-        return model
+        return load_native(path) if is_native(path) else load_hf(path)[0]
     if model_cfg.init == "base":
         from r1mega.trainers.base_model import pretrained_base
 
         return pretrained_base(model_cfg, tokenizer, data, seed)
-    preset = getattr(presets, model_cfg.preset, None)
-    if preset is None:
-        raise ValueError(f"model.preset={model_cfg.preset!r} is not a preset of r1mega.models.config")
-    from r1mega.models import Transformer
-
     torch.manual_seed(seed)
-    return Transformer(preset(vocab_size=tokenizer.vocab_size))
+    return Transformer(preset(model_cfg.preset, vocab_size=tokenizer.vocab_size))
 
 
 def build_engine(rollout: RolloutConfig, policy, tokenizer: Tokenizer, max_len: int, device):

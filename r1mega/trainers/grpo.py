@@ -72,6 +72,7 @@ class GRPOTrainer:
         samples = [sample for group in groups for sample in group]
         sample_rows = [row for row in rows for _ in range(algo.group_size)]
         timings["time/rollout"] = time.perf_counter() - started
+        self.engine.release_memory()  # the KV cache is not needed while the trainer runs
 
         scores = self.scorer.score([s.text for s in samples], sample_rows)
         batch = RolloutBatch.from_samples(samples, torch.as_tensor(scores.rewards, dtype=torch.float32))
@@ -92,7 +93,11 @@ class GRPOTrainer:
         update_expert_bias(self.policy, algo.expert_bias_rate)
         started = time.perf_counter()
         self.engine.update_weights(self.policy.state_dict().items(), version=step + 1)
+        self.engine.resume_memory()
         timings["time/weight_sync"] = time.perf_counter() - started
+        generated = float(batch.mask.sum())
+        timings["throughput/rollout_tokens_per_s"] = generated / timings["time/rollout"]
+        timings["throughput/train_tokens_per_s"] = (generated + sum(map(len, batch.prompt_ids))) / timings["time/train"]
         if (step + 1) % algo.ref_reset_every == 0:
             self.reference.load_state_dict(self.policy.state_dict())
         self._count_nan_steps(stats["train/nan_steps"])
@@ -109,6 +114,8 @@ class GRPOTrainer:
                         self.sampling(self.step, n=self.cfg.train.eval_samples, greedy=True))
 
     def fit(self) -> dict[str, float]:
+        """Trains to `train.steps`; returns the last step's metrics (with the held-out evaluation before
+        RL as `eval/*_initial` when this run started at step 0)."""
         cfg = self.cfg.train
         first = self.evaluate() if self.step == 0 else None
         if first is not None:
@@ -126,7 +133,8 @@ class GRPOTrainer:
                 self.save(self.step + 1)
         self.logger.close()
         plot_metrics(self.logger.jsonl)
-        return self.logger.rows[-1] if self.logger.rows else {}
+        initial = {k: v for row in self.logger.rows[:1] for k, v in row.items() if k.endswith("_initial")}
+        return {**(self.logger.rows[-1] if self.logger.rows else {}), **initial}
 
     def save(self, next_step: int) -> None:
         state = {

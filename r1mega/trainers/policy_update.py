@@ -65,7 +65,7 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
                     clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg)
                 share = _share(micro, mini, algo.agg)
                 (loss * share).backward()
-                step_stats["loss"] = step_stats.get("loss", 0.0) + float(loss) * share
+                step_stats["loss"] = step_stats.get("loss", 0.0) + loss.item() * share
                 for key, value in stats.items():
                     step_stats[key] = step_stats.get(key, 0.0) + float(value) * share
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), algo.grad_clip)

@@ -24,7 +24,7 @@ def sft_step(model, optimizer, batch: TokenBatch, *, token_budget: int, grad_cli
         micro = batch.select(index)
         loss = -response_logprobs(model, micro, temperature=1.0, device=device).sum() / tokens
         loss.backward()
-        total += float(loss)
+        total += loss.item()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return total

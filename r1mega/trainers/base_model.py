@@ -1,0 +1,56 @@
+"""The embedded default's base model: the tiny preset pretrained on synthetic demonstrations.
+
+R1-Zero starts from a base model that can already solve some questions; RL sharpens what sampling
+sometimes gets right. A random tiny model solves none, so this pretrains one briefly on worked
+solutions in the R1-Zero format, a share of them with a wrong final answer (`base_wrong_rate`) or
+broken tags (`base_bad_format_rate`): the resulting base model is right only part of the time, and
+GRPO has something to improve. The result is cached under the tokenizer's cache directory, keyed by
+every setting that shapes it, so later runs start at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict
+
+import torch
+
+from r1mega.config import DataConfig, ModelConfig
+from r1mega.data.tasks import demonstration, make_task_dataset
+from r1mega.data.templates import get_template
+from r1mega.data.tokenizer import Tokenizer, cache_dir
+from r1mega.models import Transformer, preset
+from r1mega.models.checkpoint import is_native, load_native, save_native
+from r1mega.trainers.sft import train_sft
+
+RECIPE_VERSION = 1
+
+
+def _examples(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int):
+    rows = make_task_dataset(data.task, split="train", size=max(data.train_size, 4096), difficulty=data.difficulty,
+                             seed=seed)
+    template, rng = get_template(data.template), random.Random(seed)
+    return [(tokenizer.encode(template(row["prompt"])),
+             tokenizer.encode(" " + demonstration(row, rng, model_cfg.base_wrong_rate, model_cfg.base_bad_format_rate))
+             + [tokenizer.eos_token_id])
+            for row in rows]
+
+
+def pretrained_base(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int) -> Transformer:
+    config = preset(model_cfg.preset, vocab_size=tokenizer.vocab_size)
+    recipe = {"version": RECIPE_VERSION, "model": asdict(config), "tokenizer": tokenizer.backend.to_str(),
+              "task": data.task, "difficulty": data.difficulty, "template": data.template, "seed": seed,
+              **{k: v for k, v in asdict(model_cfg).items() if k.startswith("base_")}}
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir() / f"base_{model_cfg.preset}_{key}"
+    if is_native(path):
+        return load_native(path)
+    print(f"pretraining the base model on {data.task} demonstrations (once; cached in {path})")
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    train_sft(model, _examples(model_cfg, tokenizer, data, seed), steps=model_cfg.base_steps,
+              batch_size=model_cfg.base_batch_size, lr=model_cfg.base_lr, seed=seed, log_every=50)
+    save_native(model, path)
+    return model
