@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
+from importlib import metadata
 
 import torch
 
@@ -11,18 +11,18 @@ OPS = {
     "grpo_loss": "grpo_loss",
     "group_advantages": "group_advantages",
     "linear_logprob": "linear_logprob",
-    "linear_grpo_loss": "linear_grpo_loss",
+    "linear_grpo_loss": "linear_logprob_stats",
     "moe_route": "moe_route",
     "moe_permute": "moe_permute",
     "moe_unpermute": "moe_unpermute",
 }
-OPTIONAL = ("transformers", "megatron.core", "transformer_engine", "apex", "sglang", "math_verify", "hydra")
+OPTIONAL = ("transformers", "megatron-core", "transformer-engine", "apex", "sglang", "math-verify", "hydra-core", "trl")
 
 
-def _version(module: str) -> str:
+def _version(distribution: str) -> str:
     try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
         return "not installed"
 
 
@@ -35,7 +35,7 @@ def describe() -> str:
     lines += [f"  {name:<18} " + "  ".join(
         f"{d}: {'kernel' if _extension.has_kernel(schema, d) else 'reference'}" for d in devices)
         for name, schema in OPS.items()]
-    lines += [f"{m}: {_version(m)}" for m in OPTIONAL]
+    lines += [f"{d}: {_version(d)}" for d in OPTIONAL]
     return "\n".join(lines)
 
 
