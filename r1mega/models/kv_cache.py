@@ -4,7 +4,8 @@ The rollout engine owns one `KVCache` and hands it to `Transformer.forward` with
 batch's rows use. Row b of the batch is sequence `slots[b]`; its token at position p is stored at
 index p of that slot, and a query at position p attends to indices 0..p of its slot. Prefill (many
 tokens per row) and decode (one token per row) take the same path. A slot is reused by writing from
-position 0 again: nothing needs clearing, since stale entries past a query's position are masked.
+position 0 again: stale entries past a query's position are masked. The storage starts zeroed because
+masked attention still multiplies the skipped values by 0, and 0 * NaN (uninitialised memory) is NaN.
 
 Deliberate simplification: MLA caches its expanded per-head keys and values, not the compressed
 latent; that costs memory at scale but keeps one attention path for every architecture.
@@ -20,9 +21,9 @@ class KVCache:
                  v_head_dim: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.num_slots, self.max_len = num_slots, max_len
         # [slots, max_len, kv_heads, head_dim] per layer: a write is one index_put per layer and step.
-        self.keys = [torch.empty(num_slots, max_len, num_kv_heads, k_head_dim, dtype=dtype, device=device)
+        self.keys = [torch.zeros(num_slots, max_len, num_kv_heads, k_head_dim, dtype=dtype, device=device)
                      for _ in range(num_layers)]
-        self.values = [torch.empty(num_slots, max_len, num_kv_heads, v_head_dim, dtype=dtype, device=device)
+        self.values = [torch.zeros(num_slots, max_len, num_kv_heads, v_head_dim, dtype=dtype, device=device)
                        for _ in range(num_layers)]
 
     @classmethod

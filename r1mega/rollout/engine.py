@@ -1,0 +1,84 @@
+"""What every rollout engine speaks: `SamplingParams` in, `Sample`s out, through the `Engine` protocol.
+
+The trainer talks only to this protocol; the native engine (native.py) and the SGLang engine implement
+it. `generate` takes token-id prompts (or strings, which the engine encodes with its tokenizer) and
+returns, per prompt, `n` samples with their generated token ids, text and per-token log-probabilities.
+
+Log-probabilities: each entry of `Sample.logprobs` is log softmax(logits / temperature) at the sampled
+token, i.e. after temperature and before top-k / top-p truncation, which is what the trainer
+recomputes with its own forward at the same temperature. Greedy decoding (temperature 0) reports
+log softmax(logits) (temperature 1).
+
+Deliberately left out: streaming outputs, per-token alternatives (top logprobs), prompt logprobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 256
+    stop_token_ids: Sequence[int] = ()  # generation ends on any of these; the token is kept in token_ids
+    stop: Sequence[str] = ()  # stop strings; the text ends right after the first one (included)
+    n: int = 1  # samples per prompt
+    # Sample j of a prompt draws from a generator seeded by (seed, prompt ids, j): the same seed, prompt
+    # and j give the same tokens whatever else is in the batch (so a prompt listed twice gets the same
+    # samples twice). None: a seed drawn from torch's default generator.
+    seed: Optional[int] = None
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)  # generated tokens, stop token included
+    text: str = ""  # decoded token_ids, without a final stop token, cut right after a matched stop string
+    logprobs: list[float] = field(default_factory=list)  # one per token_ids entry (see module docstring)
+    finish_reason: FinishReason = "length"
+    error: Optional[str] = None  # set when finish_reason == "error"
+
+
+class TokenizerLike(Protocol):
+    """What the engines need from a tokenizer (r1mega.data.tokenizer.Tokenizer is one)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    @property
+    def eos_token_id(self) -> int: ...
+
+
+Prompts = Union[Sequence[Sequence[int]], Sequence[str]]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    version: int  # the weight version last applied by update_weights
+
+    def generate(self, prompts: Prompts, sampling: SamplingParams | Sequence[SamplingParams]) -> list[list[Sample]]:
+        """Per prompt, `n` samples. `sampling` is one SamplingParams for all prompts or one per prompt. A bad
+        request (empty prompt, too long, invalid params) gets samples with finish_reason "error"; the
+        others are served."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Copies (name, tensor) pairs, native or Hugging Face names, into the engine's weights in place."""
+        ...
+
+    def release_memory(self) -> None:
+        """Frees the KV cache (and whatever else generation alone needs) while the trainer runs."""
+        ...
+
+    def resume_memory(self) -> None:
+        """Reallocates what release_memory freed."""
+        ...
