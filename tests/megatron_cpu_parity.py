@@ -1,0 +1,110 @@
+"""Test helper, run as a subprocess: builds megatron-core GPTModels on the CPU for tiny configs of every
+architecture, loads native weights through r1mega's mapping, and prints one JSON line per config with
+the largest logit difference against the native `Transformer` (fp32) and whether megatron's state-dict
+names are exactly the mapping's.
+
+megatron-core allocates on `torch.cuda.current_device()`; this helper (never the package) points that
+at the CPU and skips megatron's CUDA-RNG weight init (weights are loaded anyway). It runs in its own
+process because it initialises torch.distributed (gloo, world of one) and megatron's parallel state.
+Usage: python tests/megatron_cpu_parity.py PORT NAME...
+"""
+
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+torch.cuda.current_device = lambda: "cpu"  # test-only: megatron-core hard-codes CUDA allocations
+
+from r1mega.backends.megatron import compat, config as mconfig, loss as mloss, mapping, model as mmodel  # noqa: E402
+from r1mega.models.config import ModelConfig, tiny_deepseek_v3  # noqa: E402
+from r1mega.models.transformer import Transformer  # noqa: E402
+
+_BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+             max_position_embeddings=256)
+CONFIGS = {
+    "qwen2_tied": lambda: ModelConfig(architecture="Qwen2ForCausalLM", num_key_value_heads=2, attention_bias=True,
+                                      tie_word_embeddings=True, **_BASE),
+    "llama3_rope": lambda: ModelConfig(architecture="LlamaForCausalLM", num_key_value_heads=1, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}, **_BASE),
+    "qwen2_yarn": lambda: ModelConfig(architecture="Qwen2ForCausalLM", num_key_value_heads=1, attention_bias=True,
+                                      rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 32}, **_BASE),
+    "qwen3": lambda: ModelConfig(architecture="Qwen3ForCausalLM", num_key_value_heads=2, head_dim=16, qk_norm=True,
+                                 **_BASE),
+    "qwen3_moe": lambda: ModelConfig(architecture="Qwen3MoeForCausalLM", num_key_value_heads=2, head_dim=8,
+                                     qk_norm=True, n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
+                                     norm_topk_prob=True, scoring_func="softmax", mlp_only_layers=[0], **_BASE),
+    "qwen3_moe_unnormed": lambda: ModelConfig(architecture="Qwen3MoeForCausalLM", num_key_value_heads=4, qk_norm=True,
+                                              n_routed_experts=4, num_experts_per_tok=3, moe_intermediate_size=16,
+                                              norm_topk_prob=False, scoring_func="softmax", **_BASE),
+    "deepseek_v3": lambda: tiny_deepseek_v3(vocab_size=97, hidden_size=64, num_hidden_layers=3,
+                                            routed_scaling_factor=2.5),
+    "deepseek_v3_no_q_lora_halves": lambda: tiny_deepseek_v3(
+        vocab_size=97, hidden_size=64, num_hidden_layers=2, q_lora_rank=None, rope_interleave=False,
+        tie_word_embeddings=True, n_group=1, topk_group=1, n_shared_experts=2),
+    "deepseek_v3_yarn": lambda: tiny_deepseek_v3(
+        vocab_size=97, hidden_size=64, num_hidden_layers=2, max_position_embeddings=1280, rope_scaling={
+            "rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+            "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+}
+
+
+def build(cfg: ModelConfig):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    kw = mconfig.transformer_config_kwargs(cfg, dtype=torch.float32)
+    kw.update(perform_initialization=False, use_cpu_initialization=True)
+    tc = (MLATransformerConfig if cfg.is_mla else TransformerConfig)(**kw)
+    pos, extra = mconfig.position_embedding(cfg)
+    for k, v in extra.items():
+        setattr(tc, k, v)
+    m = GPTModel(config=tc, transformer_layer_spec=mmodel.layer_specs(tc, use_te=False), vocab_size=cfg.vocab_size,
+                 max_sequence_length=cfg.max_position_embeddings,
+                 share_embeddings_and_output_weights=cfg.tie_word_embeddings, **pos)
+    mmodel._set_rope_frequencies(m, cfg)
+    return m.eval()
+
+
+def run(name: str) -> dict:
+    cfg = CONFIGS[name]()
+    torch.manual_seed(0)
+    native = Transformer(cfg).eval()
+    with torch.no_grad():  # norms, biases and the expert bias away from their constant init
+        for n, t in list(native.named_parameters()) + list(native.named_buffers()):
+            if "norm" in n:
+                t.copy_(1 + 0.2 * torch.randn_like(t))
+            elif n.endswith("bias"):
+                t.copy_(0.1 * torch.randn_like(t))
+    m = build(cfg)
+    names = sorted(k for k in m.state_dict() if not k.endswith("_extra_state"))
+    same_names = names == sorted(mapping.megatron_names(cfg))
+    m.load_state_dict(dict(mapping.native_to_megatron(cfg, native.state_dict().items())), strict=False)
+    ids = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        ref = native(ids)
+        logits = m(ids, torch.arange(11).expand(2, 11), None)
+        hidden = mloss.hidden_states(m, ids)
+    return dict(name=name, same_names=same_names, logits_diff=(logits.float() - ref).abs().max().item(),
+                hidden_diff=(hidden - native(ids, return_hidden=True)).abs().max().item(),
+                scale=ref.abs().max().item())
+
+
+def main() -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(1, 1)
+    compat.apply()
+    for name in sys.argv[2:]:
+        print(json.dumps(run(name)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
