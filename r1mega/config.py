@@ -48,8 +48,8 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    # name -> weight; R1's rule reward is accuracy + format with equal weights.
-    components: dict[str, float] = field(default_factory=lambda: {"math_accuracy": 1.0, "format_r1_zero": 1.0})
+    # name -> weight, chosen by a conf/reward/ preset (default `rule`: accuracy + format, equal weights).
+    components: dict[str, float] = field(default_factory=dict)
     num_workers: int = 0
     timeout: float = 10.0
 

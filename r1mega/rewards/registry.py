@@ -75,6 +75,8 @@ def compose(components: ComponentsLike) -> list[RewardSpec]:
     items = components.items() if isinstance(components, Mapping) else components
     specs = [c if isinstance(c, RewardSpec) else RewardSpec(str(c[0]), float(c[1])) for c in items]
     names = [s.name for s in specs]
+    if not specs:
+        raise ValueError("no reward components configured (pick a conf/reward preset or set reward.components)")
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise ValueError(f"reward components named more than once: {duplicated}")

@@ -51,6 +51,6 @@ def pretrained_base(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConf
     torch.manual_seed(seed)
     model = Transformer(config)
     train_sft(model, _examples(model_cfg, tokenizer, data, seed), steps=model_cfg.base_steps,
-              batch_size=model_cfg.base_batch_size, lr=model_cfg.base_lr, seed=seed, log_every=50)
+              batch_size=model_cfg.base_batch_size, lr=model_cfg.base_lr, seed=seed, log_every=25)
     save_native(model, path)
     return model
