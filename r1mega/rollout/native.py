@@ -22,7 +22,6 @@ max_len must hold prompt + max_new_tokens).
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from r1mega.models.checkpoint import empty_model
 from r1mega.models.kv_cache import KVCache
 from r1mega.rollout import weight_sync
-from r1mega.rollout.engine import Prompts, Sample, SamplingParams
+from r1mega.rollout.engine import Prompts, Sample, SamplingParams, validate
 from r1mega.rollout.sampling import sample, sample_generator
 from r1mega.rollout.stop import StopChecker, validate_stop
 
@@ -124,24 +123,8 @@ class NativeEngine:
                 raise ValueError("a text prompt needs a tokenizer")
             prompt = self.tokenizer.encode(prompt)
         prompt = list(prompt)
-        if not prompt:
-            raise ValueError("empty prompt")
-        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.config.vocab_size})")
         p = params
-        if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {p.max_new_tokens!r}")
-        if len(prompt) + p.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
-                             f"engine's max_len {self.max_len}")
-        if not (math.isfinite(p.temperature) and p.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0, got {p.temperature!r}")
-        if not 0 < p.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {p.top_p!r}")
-        if not isinstance(p.top_k, int) or p.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {p.top_k!r}")
-        if p.seed is not None and not isinstance(p.seed, int):
-            raise ValueError(f"seed must be an integer or None, got {p.seed!r}")
+        validate(prompt, p, vocab_size=self.config.vocab_size, max_len=self.max_len)
         stop_ids, stop = validate_stop(p.stop_token_ids, p.stop)
         checker = StopChecker(stop_ids, stop, self.tokenizer)
         seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()))

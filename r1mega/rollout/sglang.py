@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import torch
 
 from r1mega.config import SGLangConfig
-from r1mega.rollout.engine import Prompts, Sample, SamplingParams
+from r1mega.rollout.engine import Prompts, Sample, SamplingParams, validate
 from r1mega.rollout.sglang_protocol import (RequestRejected, SGLangError, broadcast_meta, bucket_payloads, expand,
-                                            flat_buckets, flatten, parse_output, to_hf, validate)
+                                            flat_buckets, flatten, parse_output, to_hf)
 from r1mega.rollout.weight_sync import DEFAULT_BUCKET_BYTES, buckets
 
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"  # SGLang's memory tags

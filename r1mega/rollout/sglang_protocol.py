@@ -32,7 +32,6 @@ in), streaming responses, top logprobs, multimodal inputs.
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -40,45 +39,12 @@ import torch
 
 from r1mega.models.hf import native_to_hf
 from r1mega.rollout.engine import Sample, SamplingParams
-from r1mega.rollout.sampling import prompt_key, splitmix64
+from r1mega.rollout.sampling import sample_seed
 from r1mega.rollout.stop import StopChecker, validate_stop
 from r1mega.rollout.weight_sync import buckets, is_hf_name
 
-_MASK64 = (1 << 64) - 1
-
 
 # ---- requests
-def validate(prompt: list[int], p: SamplingParams, *, vocab_size: Optional[int] = None,
-             max_len: Optional[int] = None) -> None:
-    """Raises ValueError with the reason when the native engine would refuse the request. Limits not
-    known here (vocab_size, max_len None) are left to the server."""
-    if not prompt:
-        raise ValueError("empty prompt")
-    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size and t >= vocab_size) for t in prompt):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size or 'vocab size'})")
-    if not isinstance(p.n, int) or p.n < 1:
-        raise ValueError(f"n must be a positive integer, got {p.n!r}")
-    if not isinstance(p.max_new_tokens, int) or p.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {p.max_new_tokens!r}")
-    if max_len is not None and len(prompt) + p.max_new_tokens > max_len:
-        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
-                         f"engine's max_len {max_len}")
-    if not (math.isfinite(p.temperature) and p.temperature >= 0):
-        raise ValueError(f"temperature must be >= 0, got {p.temperature!r}")
-    if not 0 < p.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {p.top_p!r}")
-    if not isinstance(p.top_k, int) or p.top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0, got {p.top_k!r}")
-    if p.seed is not None and not isinstance(p.seed, int):
-        raise ValueError(f"seed must be an integer or None, got {p.seed!r}")
-    validate_stop(p.stop_token_ids, p.stop)
-
-
-def sample_seed(seed: int, prompt: Sequence[int], index: int) -> int:
-    """The seed of sample `index` of `prompt`, mixed as sampling.sample_generator mixes it (< 2**63)."""
-    return splitmix64(splitmix64(splitmix64(seed & _MASK64) ^ prompt_key(prompt)) ^ index) >> 1
-
-
 def sglang_sampling(p: SamplingParams, seed: Optional[int] = None) -> dict[str, Any]:
     """SGLang's sampling_params for one sample of `p` (n is always 1, see module docstring)."""
     stop_ids, stop = validate_stop(p.stop_token_ids, p.stop)

@@ -24,12 +24,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from r1mega.models import hf
-from r1mega.rollout.engine import Engine, SamplingParams
+from r1mega.rollout.engine import Engine, SamplingParams, validate
 from r1mega.rollout.sampling import sample_generator
 from r1mega.rollout.sglang import SGLangEngine
 from r1mega.rollout.sglang_http import HTTPBackend
 from r1mega.rollout.sglang_protocol import (FlatMeta, SGLangError, bucket_payloads, expand, flat_buckets, flatten,
-                                            parse_output, sglang_sampling, to_hf, unflatten, validate)
+                                            parse_output, sglang_sampling, to_hf, unflatten)
 from tiny_models import make_hf_dir
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .!"  # a character tokenizer; "!" is the EOS
