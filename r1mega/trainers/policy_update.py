@@ -62,7 +62,8 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
                 loss, stats = linear_grpo_loss(
                     hidden, model.output_weight, micro.response_ids.to(device), micro.old_logp.to(device), ref,
                     micro.advantages.to(device), micro.mask.to(device), temperature=temperature,
-                    clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg)
+                    clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg,
+                    max_len=batch.response_ids.shape[1])  # one divisor for every micro-batch (token-sum-norm)
                 share = _share(micro, mini, algo.agg)
                 (loss * share).backward()
                 step_stats["loss"] = step_stats.get("loss", 0.0) + loss.item() * share
