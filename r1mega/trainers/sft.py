@@ -3,13 +3,24 @@
 Used for the tiny base model's pretraining on demonstrations, for cold start, for the SFT on
 rejection-sampled data and for distillation. The loss is the mean negative log-likelihood over every
 response token of a batch, through the chunked `linear_logprob` (no [tokens, vocabulary] tensor).
+
+- `train_sft`: token-id pairs, a fixed number of steps, linear warm-up then cosine (or constant).
+- `sft_examples`: dataset rows ({"prompt","response"} through a template, or {"messages"} in ChatML,
+  see r1mega.data.datasets.sft_texts) -> token-id pairs, each response closed by the EOS token.
+- `fine_tune`: rows -> epochs of `train_sft`, then the model saved as a native checkpoint (with its
+  tokenizer) and the per-step loss as metrics.jsonl.
+
+Deliberately left out: loss on prompt tokens, sequence-level loss weighting, LoRA, and resuming an
+interrupted SFT run (runs here are short; a stage of the pipeline reruns whole).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -30,15 +41,26 @@ def sft_step(model, optimizer, batch: TokenBatch, *, token_budget: int, grad_cli
     return total
 
 
+def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    ramp = min(1.0, (step + 1) / warmup)
+    if schedule == "constant":
+        return ramp
+    if schedule == "cosine":
+        return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
+    raise ValueError(f"unknown SFT schedule {schedule!r} (expected 'cosine' or 'constant')")
+
+
 def train_sft(model, examples: Sequence[tuple[list[int], list[int]]], *, steps: int, batch_size: int, lr: float,
-              token_budget: int = 16384, grad_clip: float = 1.0, seed: int = 0, device="cpu", log_every: int = 0):
-    """`examples`: (prompt ids, response ids) pairs, drawn in a seeded shuffled order. Returns losses."""
+              token_budget: int = 16384, grad_clip: float = 1.0, seed: int = 0, device="cpu", log_every: int = 0,
+              schedule: str = "cosine", warmup_steps: int | None = None, weight_decay: float = 0.0):
+    """`examples`: (prompt ids, response ids) pairs, drawn in a seeded shuffled order (a new shuffle each
+    pass). Warm-up: `warmup_steps` (None: 5% of the steps). Returns the loss of every step."""
     if not examples:
         raise ValueError("no SFT examples")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / max(1, steps)))))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    warmup = max(1, steps // 20 if warmup_steps is None else warmup_steps)
+    _lr_factor(0, steps, warmup, schedule)  # an unknown schedule fails before any work
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup, schedule))
     order, rng, losses = [], random.Random(seed), []
     model.train()
     for step in range(steps):
@@ -51,7 +73,55 @@ def train_sft(model, examples: Sequence[tuple[list[int], list[int]]], *, steps: 
         ids, mask = TokenBatch.pad([response for _, response in picked])
         losses.append(sft_step(model, optimizer, TokenBatch([p for p, _ in picked], ids, mask),
                                token_budget=token_budget, grad_clip=grad_clip, device=device))
-        schedule.step()
+        scheduler.step()
         if log_every and (step + 1) % log_every == 0:
             print(f"sft step {step + 1}/{steps}: loss {sum(losses[-log_every:]) / log_every:.4f}")
     return losses
+
+
+def sft_examples(rows: Sequence[Mapping[str, Any]], tokenizer, template, *,
+                 max_len: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Token-id pairs of SFT rows. A response that would run straight into a prompt ending in a
+    non-space character (the R1-Zero template ends at "Assistant:") gets a leading space, as the base
+    model's demonstrations have. Pairs longer than `max_len` tokens in all are dropped."""
+    from r1mega.data.datasets import sft_texts
+
+    out = []
+    for row in rows:
+        prompt, response = sft_texts(dict(row), template)
+        if prompt and not prompt[-1].isspace() and response and not response[0].isspace():
+            response = " " + response
+        pair = (tokenizer.encode(prompt), tokenizer.encode(response) + [tokenizer.eos_token_id])
+        if max_len is None or len(pair[0]) + len(pair[1]) <= max_len:
+            out.append(pair)
+    if not out:
+        raise ValueError(f"no SFT example left of {len(rows)} rows (max_len={max_len})")
+    return out
+
+
+def fine_tune(model, rows: Sequence[Mapping[str, Any]], tokenizer, *, template, out_dir: str | os.PathLike,
+              epochs: float = 1.0, batch_size: int = 32, lr: float = 1e-4, schedule: str = "cosine",
+              warmup_steps: int | None = None, token_budget: int = 16384, max_len: int | None = None,
+              seed: int = 0, device="cpu", log_every: int = 0) -> dict[str, float]:
+    """SFT for `epochs` passes over `rows`; writes `out_dir`/model (native checkpoint + tokenizer) and
+    `out_dir`/metrics.jsonl (one row per step: loss, lr). Returns summary metrics."""
+    from r1mega.models.checkpoint import save_native
+    from r1mega.trainers.metrics import MetricsLogger
+
+    examples = sft_examples(rows, tokenizer, template, max_len=max_len)
+    steps = max(1, math.ceil(epochs * len(examples) / batch_size))
+    model.to(device)
+    losses = train_sft(model, examples, steps=steps, batch_size=batch_size, lr=lr, token_budget=token_budget,
+                       seed=seed, device=device, log_every=log_every, schedule=schedule, warmup_steps=warmup_steps)
+    logger = MetricsLogger(out_dir, tensorboard=False)
+    warmup = max(1, steps // 20 if warmup_steps is None else warmup_steps)
+    for step, loss in enumerate(losses):
+        logger.log(step, {"sft/loss": loss, "lr": lr * _lr_factor(step, steps, warmup, schedule)})
+    logger.close()
+    model.eval()
+    path = Path(out_dir) / "model"
+    save_native(model, path, overwrite=True)
+    tokenizer.save(path)
+    tail = losses[-max(1, steps // 10):]  # the last 10% of the steps: less noisy than the last one
+    return {"sft/examples": float(len(examples)), "sft/steps": float(steps), "sft/loss_first": losses[0],
+            "sft/loss_last": sum(tail) / len(tail)}

@@ -1,0 +1,110 @@
+"""The R1 pipeline runner on a random tiny model with minimal stage sizes: every stage's artefacts,
+the report holding every stage's evaluation, skipping finished stages and rerunning from a later one,
+the r1mega-eval CLI on a stage's checkpoint, and the strict config."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from r1mega.cli.train import CONF_DIR
+from r1mega.pipeline.config import STAGES, register_pipeline_configs
+from r1mega.pipeline.runner import FINISHED, run_pipeline, stage_dirs
+
+MINIMAL = [
+    "model.init=random", "algo.questions_per_step=2", "algo.group_size=2", "algo.mini_batches=1",
+    "rollout.max_new_tokens=[[0,6]]", "data.train_size=32", "data.test_size=2", "train.progress=false",
+    "pipeline.r1_zero.steps=1", "pipeline.reasoning_rl.steps=1", "pipeline.all_scenario_rl.steps=1",
+    "pipeline.cold_start.size=8", "pipeline.cold_start.batch_size=8",
+    "pipeline.rejection.prompts=4", "pipeline.rejection.sampling.k=2", "pipeline.rejection.sampling.max_new_tokens=6",
+    "pipeline.rejection.sampling.min_language_consistency=0.0",
+    "pipeline.rejection_sft.batch_size=8", "pipeline.rejection_sft.epochs=1",
+    "pipeline.all_scenario_rl.reward_model.steps=1", "pipeline.all_scenario_rl.reward_model.pairs=8",
+    "pipeline.all_scenario_rl.reward_model.batch_size=2", "pipeline.distill.epochs=1", "pipeline.distill.batch_size=8",
+    "pipeline.eval.size=2", "pipeline.eval.sampling.k=2", "pipeline.eval.sampling.pass_k=[1,2]",
+    "pipeline.eval.sampling.max_new_tokens=6",
+]
+
+
+def make_config(out_dir, *overrides):
+    register_pipeline_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("pipeline", overrides=[*MINIMAL, f"pipeline.out_dir={out_dir}", *overrides]))
+    # A random model is never right: keep every non-empty sample so that stage 3 has data to train on.
+    cfg.pipeline.rejection.reward = {"language_consistency": 1.0}
+    return cfg
+
+
+def finished_times(root):
+    return {name: (d / FINISHED).stat().st_mtime_ns for name, d in stage_dirs(root).items() if (d / FINISHED).exists()}
+
+
+def test_stage_zero_then_skip_and_rerun(tmp_path, capsys):
+    run_pipeline(make_config(tmp_path, "pipeline.stop_stage=0"))
+    first = finished_times(tmp_path)
+    assert sorted(first) == ["base", "r1_zero"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| base |" in report and "| 0 r1_zero |" in report and "![evaluation across stages]" in report
+
+    capsys.readouterr()
+    run_pipeline(make_config(tmp_path, "pipeline.stop_stage=0"))  # start_stage=0: finished stages are skipped
+    assert finished_times(tmp_path) == first
+    assert "stage 0 r1_zero: finished earlier, skipped" in capsys.readouterr().out
+
+    with pytest.raises(FileNotFoundError, match="1 cold_start"):
+        run_pipeline(make_config(tmp_path, "pipeline.start_stage=2", "pipeline.stop_stage=2"))
+
+
+def test_config_is_strict(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "r1mega.cli.pipeline", "pipeline.r1_zero.not_a_key=1",
+                             f"pipeline.out_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "not_a_key" in result.stdout + result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_whole_pipeline_end_to_end_and_resume(tmp_path, capsys):
+    report = run_pipeline(make_config(tmp_path))
+    dirs = stage_dirs(tmp_path)
+    records = json.loads((tmp_path / "report.json").read_text())
+    assert [r["stage"] for r in records] == ["base", *STAGES]
+    text = report.read_text()
+    for record in records:
+        directory = dirs[record["stage"]]
+        assert (directory / "model" / "config.json").exists() and (directory / "model" / "tokenizer.json").exists()
+        assert set(record["eval"]["arithmetic"]) >= {"pass@1", "pass@2", "cons@2", "response_length"}
+        label = record["stage"] if record["index"] < 0 else f"{record['index']} {record['stage']}"
+        assert f"| {label} |" in text
+    for rl_stage in ("r1_zero", "reasoning_rl", "all_scenario_rl"):
+        assert (dirs[rl_stage] / "metrics.jsonl").exists()
+    assert (dirs["all_scenario_rl"] / "reward_model" / "model.pt").exists()
+    rows = [json.loads(line) for line in (dirs["rejection_sft"] / "data.jsonl").read_text().splitlines()]
+    reasoning = [r for r in rows if r["kind"] == "reasoning"]
+    assert reasoning and all(r["source_checkpoint"] == str(dirs["reasoning_rl"] / "model") for r in reasoning)
+    assert {"prompt_id", "sample_index", "rewards"} <= set(reasoning[0])
+    assert any(r["kind"] == "non_reasoning" for r in rows)
+    student = json.loads((dirs["distill"] / "model" / "config.json").read_text())
+    assert student["architecture"] == "Qwen2ForCausalLM"
+    assert (tmp_path / "report_eval.png").stat().st_size > 0 and (tmp_path / "report_training.png").exists()
+
+    # Resume: everything finished is skipped; start_stage=5 reruns only the distillation.
+    before = finished_times(tmp_path)
+    capsys.readouterr()
+    run_pipeline(make_config(tmp_path))
+    assert finished_times(tmp_path) == before
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 7
+    run_pipeline(make_config(tmp_path, "pipeline.start_stage=5"))
+    after = finished_times(tmp_path)
+    assert [name for name in before if after[name] != before[name]] == ["distill"]
+
+    # r1mega-eval on a stage's checkpoint writes its tables
+    result = subprocess.run([sys.executable, "-m", "r1mega.cli.eval", f"model_path={dirs['cold_start'] / 'model'}",
+                             "size=2", "sampling.k=2", "sampling.pass_k=[1,2]", "sampling.max_new_tokens=6",
+                             f"out_dir={tmp_path / 'eval'}"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]["arithmetic"]
+    assert evaluated["samples_per_question"] == 2 and "cons@2" in evaluated
+    assert "| arithmetic |" in (tmp_path / "eval" / "eval.md").read_text()
