@@ -24,11 +24,11 @@ class ModelConfig:
     init: str = "base"
     dtype: str = "float32"
     # Sequences per pretraining step and steps, for init=base.
-    base_steps: int = 300
+    base_steps: int = 600
     base_batch_size: int = 32
     base_lr: float = 3e-3
     # Share of pretraining demonstrations with a deliberately wrong answer: what RL has to fix.
-    base_wrong_rate: float = 0.5
+    base_wrong_rate: float = 0.3
     base_bad_format_rate: float = 0.2
 
 
@@ -126,7 +126,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     eval_every: int = 50
-    eval_samples: int = 1
+    # Held-out evaluation as the paper reports pass@1: the mean correctness of k samples at T=0.6, top-p 0.95.
+    eval_samples: int = 4
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
     device: str = "auto"
     tensorboard: bool = True
     wandb_project: Optional[str] = None

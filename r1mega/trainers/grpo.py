@@ -10,6 +10,7 @@ by the policy every `ref_reset_every` steps. The maths lives in r1mega.ops; this
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 import time
 
@@ -57,12 +58,12 @@ class GRPOTrainer:
         self.logger = MetricsLogger(cfg.train.out_dir, resume_step=self.step - 1 if cfg.train.resume else None,
                                     tensorboard=cfg.train.tensorboard, wandb_project=cfg.train.wandb_project)
 
-    def sampling(self, step: int, *, n: int | None = None, greedy: bool = False) -> SamplingParams:
+    def sampling(self, step: int) -> SamplingParams:
         rollout = self.cfg.rollout
         return SamplingParams(
-            n=n or self.cfg.algo.group_size, temperature=0.0 if greedy else rollout.temperature,
-            top_p=rollout.top_p, top_k=rollout.top_k, max_new_tokens=value_at(rollout.max_new_tokens, step),
-            stop_token_ids=[self.tokenizer.eos_token_id], seed=self.cfg.train.seed * 1_000_003 + step)
+            n=self.cfg.algo.group_size, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+            max_new_tokens=value_at(rollout.max_new_tokens, step), stop_token_ids=[self.tokenizer.eos_token_id],
+            seed=self.cfg.train.seed * 1_000_003 + step)
 
     def train_step(self) -> dict[str, float]:
         cfg, algo, step, timings = self.cfg, self.cfg.algo, self.step, {}
@@ -110,8 +111,10 @@ class GRPOTrainer:
             raise FloatingPointError(f"{self.nan_streak} steps in a row had a NaN/inf loss or gradient; stopping")
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.engine, self.tokenizer, self.test_rows, self.scorer,
-                        self.sampling(self.step, n=self.cfg.train.eval_samples, greedy=True))
+        train = self.cfg.train
+        sampling = dataclasses.replace(self.sampling(self.step), n=train.eval_samples, temperature=train.eval_temperature,
+                                       top_p=train.eval_top_p, top_k=0, seed=train.seed)
+        return evaluate(self.engine, self.tokenizer, self.test_rows, self.scorer, sampling)
 
     def fit(self) -> dict[str, float]:
         """Trains to `train.steps`; returns the last step's metrics (with the held-out evaluation before

@@ -31,7 +31,7 @@ def plot_metrics(jsonl_path: str | Path, out_path: str | Path | None = None) -> 
             ax.plot(*zip(*points), lw=1.5)
         held_out = [(row["step"], row["eval/accuracy"]) for row in rows if key == "accuracy" and "eval/accuracy" in row]
         if held_out:
-            ax.plot(*zip(*held_out), "o-", lw=1.5, label="held-out (greedy)")
+            ax.plot(*zip(*held_out), "o-", lw=1.5, label="held-out pass@1")
             ax.legend(loc="lower right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
