@@ -68,6 +68,27 @@ def test_arithmetic_ground_truth(difficulty):
         assert any("(" in s["expression"] for s in samples)
 
 
+@pytest.mark.parametrize("difficulty", [2, 4])  # from 3 operands on, a held-out chain reuses seen steps
+def test_chain_ground_truth_and_held_out_steps_are_seen_in_training(difficulty):
+    train = make_task_dataset("chain", "train", 3000, difficulty, seed=0)
+    test = make_task_dataset("chain", "test", 200, difficulty, seed=0)
+    for s in train + test:
+        assert int(s["answer"]) == eval(s["expression"])  # left to right, + and - only
+        assert re.fullmatch(r"Compute \d( [+-] \d){%d}" % difficulty, s["prompt"])
+
+    def facts(sample):  # "running total op digit" of each step
+        numbers, ops = re.findall(r"\d", sample["expression"]), re.findall(r"[+-]", sample["expression"])
+        total, out = int(numbers[0]), []
+        for op, digit in zip(ops, numbers[1:]):
+            out.append((total, op, int(digit)))
+            total = total + int(digit) if op == "+" else total - int(digit)
+        return out
+
+    seen = {fact for s in train for fact in facts(s)}
+    test_facts = [fact for s in test for fact in facts(s)]
+    assert sum(f in seen for f in test_facts) / len(test_facts) > 0.95
+
+
 @pytest.mark.parametrize("difficulty", [1, 2, 3, 4])
 def test_countdown_solution_reaches_target_with_the_numbers(difficulty):
     for s in make_task_dataset("countdown", "test", 150, difficulty, seed=difficulty):

@@ -18,9 +18,9 @@ import random
 from types import ModuleType
 from typing import Any
 
-from r1mega.data.tasks import arithmetic, countdown
+from r1mega.data.tasks import arithmetic, chain, countdown
 
-TASKS: dict[str, ModuleType] = {"arithmetic": arithmetic, "countdown": countdown}
+TASKS: dict[str, ModuleType] = {"arithmetic": arithmetic, "chain": chain, "countdown": countdown}
 HELD_OUT_EVERY = 10
 # Repeats drawn (in all) before a split is taken to be exhausted and repeats are let in.
 _PATIENCE = 200
