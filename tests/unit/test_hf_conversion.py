@@ -48,6 +48,26 @@ def test_round_trip_through_native_is_bit_exact(tmp_path, variant):
         assert ka == kb and torch.equal(va, vb)
 
 
+@pytest.mark.parametrize("variant,layout", [("deepseek_v3", "local"), ("qwen2", "te"), ("qwen3_moe", "local")])
+def test_round_trip_through_megatron_is_bit_exact(tmp_path, variant, layout):
+    src = make_hf_dir(variant, tmp_path / "hf")
+    assert convert_hf.main(["to-megatron", str(src), str(tmp_path / "mcore"), "--layout", layout]) == 0
+    names = set(read_all(tmp_path / "mcore"))
+    assert "embedding.word_embeddings.weight" in names and not any(n.startswith("model.") for n in names)
+    assert convert_hf.main(["megatron-to-native", str(tmp_path / "mcore"), str(tmp_path / "native")]) == 0
+    assert convert_hf.main(["to-hf", str(tmp_path / "native"), str(tmp_path / "back")]) == 0
+    a, b = read_all(src), read_all(tmp_path / "back")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_megatron_to_native_refuses_a_directory_of_another_format(tmp_path):
+    src = make_hf_dir("qwen2", tmp_path / "hf")
+    assert convert_hf.main(["megatron-to-native", str(src), str(tmp_path / "never")]) == 1
+    assert not (tmp_path / "never").exists()
+
+
 def _random_model(config: ModelConfig, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(config)

@@ -124,11 +124,17 @@ def _hf_tensors(path: str | os.PathLike, config: ModelConfig, hf_config: dict) -
     return checked(stream, expected_hf_shapes(config), str(path))
 
 
+def read_as_native(path: str | os.PathLike) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """The config and the checked stream of a HF directory's tensors under native names."""
+    config, hf_config = read_config(path)
+    return config, hf_to_native(config, _hf_tensors(path, config, hf_config))
+
+
 def load(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device="cpu") -> tuple[Transformer, ModelConfig]:
     """A Transformer with the weights of a local HF directory (config.json + safetensors)."""
-    config, hf_config = read_config(path)
+    config, native = read_as_native(path)
     model = empty_model(config, dtype=dtype, device=device)
-    load_state(model, hf_to_native(config, _hf_tensors(path, config, hf_config)), str(path))
+    load_state(model, native, str(path))
     return model, config
 
 
@@ -156,9 +162,8 @@ def _cast(named_tensors, dtype):
 def convert_hf_to_native(src, dst, *, dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
                          overwrite: bool = False) -> Path:
     """Streams a HF directory into a native one without building the model (FP8 is dequantised)."""
-    config, hf_config = read_config(src)
+    config, stream = read_as_native(src)
     with atomic_dir(dst, overwrite=overwrite) as tmp:
-        stream = hf_to_native(config, _hf_tensors(src, config, hf_config))
         write_tensors(tmp, _cast(stream, dtype), max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps({NATIVE_KEY: 1, **config.to_dict()}, indent=2) + "\n")
     return Path(dst)
