@@ -131,6 +131,7 @@ class TrainConfig:
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
     device: str = "auto"
+    cpu_threads: int = 0  # torch's intra-op threads on CPU; 0 keeps torch's default
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     progress: bool = True

@@ -37,6 +37,8 @@ from r1mega.trainers.schedule import lr_factor, value_at
 class GRPOTrainer:
     def __init__(self, cfg: Config):
         self.cfg, algo = cfg, cfg.algo
+        if cfg.train.cpu_threads > 0:
+            torch.set_num_threads(cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed)
         self.device = pick_device(cfg.train.device)
         self.tokenizer = build_tokenizer(cfg.data, cfg.model)
