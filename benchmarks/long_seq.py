@@ -4,8 +4,9 @@
     python benchmarks/long_seq.py --lengths 1024 2048  # a quick look
 
 One packed row of T tokens; full activation checkpointing; the loss is the mean log-probability of the
-next token from the final hidden states through `r1mega.ops.linear_logprob`, so no [T, V] logits
-tensor is built by the model (the op's chunking decides the rest). Each length runs in a fresh
+next token from the final hidden states through `r1mega.ops.linear_logprob`'s compiled kernel in
+vocabulary chunks of 128 rows, so no [T, V] logits tensor exists (the plain-PyTorch fallback would
+build one, so the benchmark refuses to run without the kernel). Each length runs in a fresh
 process: on CUDA the peak is `torch.cuda.max_memory_allocated`, on CPU the growth of the peak
 resident set size over the size before the step (the libraries' fixed footprint left out). Memory
 should grow linearly: the check printed at the end is peak(65,536) <= 8.5 x peak(8,192).
@@ -27,8 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+CHUNK = 128  # vocabulary rows per linear_logprob chunk: a [T, 128] buffer, a quarter of the tiny vocabulary
+
 
 def one(length: int) -> dict:
+    from r1mega.ops import _extension
     from r1mega.models.config import tiny_deepseek_v3
     from r1mega.models.transformer import Transformer
     from r1mega.ops.linear_logprob import linear_logprob
@@ -36,6 +40,8 @@ def one(length: int) -> dict:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if not _extension.has_kernel("linear_logprob", device):
+        raise SystemExit(f"long_seq: no compiled linear_logprob kernel for {device.type}; its fallback builds [T, V]")
     torch.manual_seed(0)
     model = Transformer(tiny_deepseek_v3(512, max_position_embeddings=max(length, 4096))).to(device)
     apply_activation_checkpointing(model, "full")
@@ -48,7 +54,7 @@ def one(length: int) -> dict:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     hidden = model(ids[:, :-1], return_hidden=True)[0]  # [T, H]
-    logp, _ = linear_logprob(hidden, model.output_weight, ids[0, 1:])
+    logp, _ = linear_logprob(hidden, model.output_weight, ids[0, 1:], chunk_size=CHUNK)  # [T]
     (-logp.mean()).backward()
     if cuda:
         torch.cuda.synchronize()

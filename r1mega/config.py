@@ -114,6 +114,9 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1
     pp: int = 1
+    pp_schedule: str = "1f1b"  # or "interleaved_1f1b"
+    pp_stages_per_rank: int = 1  # > 1 with the interleaved schedule
+    pp_microbatches: int = 0  # 0: one per pipeline stage
     activation_checkpointing: str = "none"  # "none", "full", "selective"
 
 

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from r1mega.parallel.blocks import blocks
+
 MODES = ("none", "full", "selective")
 
 # Ops whose outputs are worth keeping: recomputing them costs FLOPs, keeping them costs [T, H]-sized
@@ -49,11 +51,11 @@ def _checkpointed(forward, mode: str):
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
-    """Checkpoints each `model.layers[i]` in place; mode "none" leaves the model as it is."""
+    """Checkpoints each block of `model.layers` in place; mode "none" leaves the model as it is."""
     if mode not in MODES:
         raise ValueError(f"activation_checkpointing={mode!r}: must be one of {MODES}")
     if mode == "none":
         return model
-    for block in model.layers:
+    for _, block in blocks(model):
         block.forward = _checkpointed(block.forward, mode)
     return model

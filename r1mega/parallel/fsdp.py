@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from r1mega.parallel.blocks import blocks as model_blocks
 from r1mega.parallel.dims import ParallelDims
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,7 +34,7 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mp: MixedPrecisionPolicy | 
     mp = mp or mixed_precision()
     dense_mesh = dims.mesh(*dims.dense_fsdp_dims)
     expert_ids = {id(m) for m in experts} if dims.ep > 1 else set()
-    blocks = list(model.layers)
+    blocks = [block for _, block in model_blocks(model)]
     for i, block in enumerate(blocks):
         for module in block.modules():
             if id(module) in expert_ids:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from r1mega.parallel.blocks import blocks
 from r1mega.parallel.checkpointing import apply_activation_checkpointing
 from r1mega.parallel.dims import ParallelDims
 from r1mega.parallel.expert_parallel import ExpertParallel
@@ -25,7 +26,7 @@ EXPERTS = "ffn.experts"  # the routed experts of an MoE block (r1mega.models.moe
 
 
 def expert_modules(model: nn.Module) -> list[nn.Module]:
-    return [block.get_submodule(EXPERTS) for block in model.layers if hasattr(block.ffn, "experts")]
+    return [block.get_submodule(EXPERTS) for _, block in blocks(model) if hasattr(block.ffn, "experts")]
 
 
 def apply_expert_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
@@ -42,7 +43,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg) -> nn.Module:
         apply_expert_parallel(model, dims)
     apply_activation_checkpointing(model, getattr(cfg, "activation_checkpointing", "none"))
     if getattr(cfg, "compile", False):
-        for block in model.layers:
+        for _, block in blocks(model):
             block.compile()
     if dims.world_size > 1 and dims.fsdp_enabled:
         mp = mixed_precision(getattr(cfg, "param_dtype", "float32"), getattr(cfg, "reduce_dtype", "float32"))

@@ -27,6 +27,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from r1mega.parallel.blocks import blocks
+
 
 def attention_plan(config) -> dict:
     if config.is_mla:
@@ -84,7 +86,7 @@ def _reduce_rope_key_grad(attn: nn.Module, tp_mesh: DeviceMesh) -> None:
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> nn.Module:
     config, tp = model.config, tp_mesh.size()
     check_divisible(config, tp)
-    for i, block in enumerate(model.layers):
+    for i, block in blocks(model):  # i: the global layer index (a pipeline stage holds a slice)
         parallelize_module(block, tp_mesh, block_plan(config, i))
         block.attn.n_heads //= tp  # the reshapes in attention.py now see local heads
         if hasattr(block.attn, "n_kv"):

@@ -30,7 +30,7 @@ def _save_parallel(rank, world, dims_kw, path):
         torch.save(logits, f"{path}.logits.pt")
 
 
-@pytest.mark.parametrize("dims_kw", [{"tp": 2}, {"dp_shard": 2, "ep": 2}])
+@pytest.mark.parametrize("dims_kw", [{"tp": 2}, pytest.param({"dp_shard": 2, "ep": 2}, marks=pytest.mark.slow)])
 def test_checkpoint_saved_parallel_loads_in_one_process(tmp_path, dims_kw):
     path = str(tmp_path / "ckpt")
     run_world(_save_parallel, 2, dims_kw, path)
@@ -55,6 +55,7 @@ def _gather(rank, world, dims_kw, bucket_bytes):
         torch.testing.assert_close(tensor, expected[name], atol=0, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims_kw", [{"tp": 2, "ep": 2}, {"dp_shard": 2, "ep": 2}])
 def test_gathered_state_dict_is_the_full_model(dims_kw):
     run_world(_gather, 2, dims_kw, 4096)

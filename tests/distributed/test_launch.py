@@ -34,7 +34,8 @@ def _run_plain(mode: str, victim: int, world: int = 2):
     return [p.returncode for p in procs], [o + e for o, e in outs], time.monotonic() - start
 
 
-@pytest.mark.parametrize("mode,victim", [("kill", 1), ("raise", 1), ("kill", 0)])
+@pytest.mark.parametrize("mode,victim", [("kill", 1), pytest.param("raise", 1, marks=pytest.mark.slow),
+                                        pytest.param("kill", 0, marks=pytest.mark.slow)])
 def test_dead_rank_stops_every_rank_and_is_named(mode, victim):
     codes, outs, elapsed = _run_plain(mode, victim)
     assert all(c != 0 for c in codes), (codes, outs)
@@ -44,12 +45,14 @@ def test_dead_rank_stops_every_rank_and_is_named(mode, victim):
             assert f"rank {victim}" in out.split("stopping:")[-1], out
 
 
+@pytest.mark.slow
 def test_clean_run_exits_zero():
     codes, outs, _ = _run_plain("ok", -1)
     assert codes == [0, 0], outs
     assert all("finished" in o for o in outs)
 
 
+@pytest.mark.slow
 def test_torchrun_names_the_failed_rank():
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max_restarts=0",
