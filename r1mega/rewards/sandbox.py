@@ -192,6 +192,8 @@ def _run(mode: str, python: str, code: str, stdin: str, limits: Limits) -> Sandb
                 subprocess.run(["kill", "-9", "-1"], user=uid, group=uid, extra_groups=[],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         killed = timed_out or exceeded
+        if mode != "none" and returncode > 128:
+            returncode = 128 - returncode  # bwrap and unshare exit with 128 + the signal that ended the program
         return SandboxResult(None if killed else returncode, out.decode("utf-8", "replace"),
                              err.decode("utf-8", "replace"), timed_out, exceeded, time.monotonic() - started)
     finally:
