@@ -31,7 +31,6 @@ in), streaming responses, top logprobs, multimodal inputs.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -41,7 +40,7 @@ from r1mega.models.hf import native_to_hf
 from r1mega.rollout.engine import Sample, SamplingParams
 from r1mega.rollout.sampling import sample_seed
 from r1mega.rollout.stop import StopChecker, validate_stop
-from r1mega.rollout.weight_sync import buckets, is_hf_name
+from r1mega.rollout.weight_sync import buckets, peek_naming
 
 
 # ---- requests
@@ -126,16 +125,10 @@ def error_message(body: Any) -> str:
 
 # ---- weights
 def to_hf(config, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, tensor) pairs from a stream of native or HF ones (decided by the first name that is not
-    `lm_head.weight`, which both share). Tied models drop `lm_head.weight` (SGLang ties it itself)."""
-    stream = iter(named_tensors)
-    head = []
-    for name, t in stream:
-        head.append((name, t))
-        if name != "lm_head.weight":
-            break
-    stream = itertools.chain(head, stream)
-    if any(is_hf_name(n) for n, _ in head):
+    """HF (name, tensor) pairs from a stream of native or HF ones. Tied models drop `lm_head.weight` (SGLang
+    ties it itself)."""
+    hf_names, stream = peek_naming(named_tensors)
+    if hf_names:
         return ((n, t) for n, t in stream if not (n == "lm_head.weight" and config.tie_word_embeddings))
     return native_to_hf(config, stream)
 

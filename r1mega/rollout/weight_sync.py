@@ -36,17 +36,23 @@ def is_hf_name(name: str) -> bool:
     return name.startswith("model.")
 
 
-def to_native(config, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Native (name, tensor) pairs from a stream of native or HF ones (decided by the first name that is
-    not `lm_head.weight`; a stream mixing both raises on its first foreign name)."""
+def peek_naming(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[bool, Iterator[tuple[str, torch.Tensor]]]:
+    """(whether the stream uses Hugging Face names, the whole stream), decided by its first name that is not
+    `lm_head.weight` (a name both layouts share)."""
     stream = iter(named_tensors)
     head = []
     for name, t in stream:
         head.append((name, t))
         if name != "lm_head.weight":
             break
-    stream = itertools.chain(head, stream)
-    if not any(is_hf_name(n) for n, _ in head):
+    return any(is_hf_name(n) for n, _ in head), itertools.chain(head, stream)
+
+
+def to_native(config, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Native (name, tensor) pairs from a stream of native or HF ones (a stream mixing both raises on its
+    first foreign name)."""
+    hf_names, stream = peek_naming(named_tensors)
+    if not hf_names:
         return stream
     # tied HF models may still list the output matrix (it is the embedding)
     if config.tie_word_embeddings:

@@ -4,21 +4,8 @@ compute), and the compiled kernels against the reference, including unequal and 
 import pytest
 import torch
 
-from r1mega.ops import _extension
 from r1mega.ops.group_advantages import group_advantages, group_advantages_reference
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
-    ),
-]
-
-
-def needs_kernel(device: str) -> None:
-    if not _extension.has_kernel("group_advantages", device):
-        pytest.skip(f"no compiled r1mega::group_advantages for {device} ({_extension.BUILD})")
+from op_devices import DEVICES, needs_kernel
 
 
 def loop_advantages(rewards, ids, eps, scale_by_std):
@@ -68,7 +55,7 @@ def test_reference_unequal_unsorted_groups():
 @pytest.mark.parametrize("scale_by_std", [True, False])
 @pytest.mark.parametrize("size", [1, 2, 16, 33])
 def test_kernel_fixed_groups(device, dtype, scale_by_std, size):
-    needs_kernel(device)
+    needs_kernel("group_advantages", device)
     r = mixed_rewards(9, size).to(device=device, dtype=dtype)
     out = group_advantages(r, group_size=size, scale_by_std=scale_by_std)
     expected = group_advantages_reference(r, group_size=size, scale_by_std=scale_by_std)
@@ -82,7 +69,7 @@ def test_kernel_fixed_groups(device, dtype, scale_by_std, size):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
 def test_kernel_group_ids(device, id_dtype):
-    needs_kernel(device)
+    needs_kernel("group_advantages", device)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(-50, 50, (300,), generator=g)  # unequal sizes, some singletons, unsorted
     r = torch.randn(300, generator=g)
@@ -97,7 +84,7 @@ def test_kernel_group_ids(device, id_dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_kernel_ignores_grad_and_casts_bf16(device):
-    needs_kernel(device)
+    needs_kernel("group_advantages", device)
     r = mixed_rewards(4, 8).to(device)
     out = group_advantages(r.bfloat16().requires_grad_(), group_size=8)
     assert out.dtype == torch.float32 and not out.requires_grad
@@ -106,7 +93,7 @@ def test_kernel_ignores_grad_and_casts_bf16(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    needs_kernel(device)
+    needs_kernel("group_advantages", device)
     r = mixed_rewards(5, 4).to(device)
     ids = (torch.arange(20) % 3).to(device)
     torch.library.opcheck(torch.ops.r1mega.group_advantages.default, (r, None, 4, 1e-6, True))

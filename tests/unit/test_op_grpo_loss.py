@@ -4,21 +4,8 @@ the reference (forward, statistics, backward), on odd shapes, masks, dtypes and 
 import pytest
 import torch
 
-from r1mega.ops import _extension
 from r1mega.ops.grpo_loss import AGGREGATIONS, grpo_loss, grpo_loss_reference
-
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
-    ),
-]
-
-
-def needs_kernel(device: str) -> None:
-    if not _extension.has_kernel("grpo_loss", device):
-        pytest.skip(f"no compiled r1mega::grpo_loss for {device} ({_extension.BUILD})")
+from op_devices import DEVICES, needs_kernel
 
 
 def make_inputs(B=5, T=37, *, dtype=torch.float32, device="cpu", per_token=False, spread=0.4, seed=0):
@@ -97,7 +84,7 @@ def test_reference_clip_fraction_counts_cut_gradients():
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("with_ref", [True, False])
 def test_kernel_matches_reference_fp32(device, agg, per_token, with_ref):
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp, old, ref, adv, mask = make_inputs(B=6, T=41, device=device, per_token=per_token)
     ref = ref if with_ref else None
     kw = dict(clip_low=0.2, clip_high=0.28, beta=0.05, agg=agg)
@@ -113,7 +100,7 @@ def test_kernel_matches_reference_fp32(device, agg, per_token, with_ref):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
 def test_kernel_matches_reference_bf16(device, agg):
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp, old, ref, adv, mask = make_inputs(B=4, T=300, dtype=torch.bfloat16, device=device)
     loss, stats, grad = run(grpo_loss, logp, old, ref, adv, mask, beta=0.05, agg=agg)
     loss_r, stats_r, grad_r = run(grpo_loss_reference, logp, old, ref, adv, mask, beta=0.05, agg=agg)
@@ -126,7 +113,7 @@ def test_kernel_matches_reference_bf16(device, agg):
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixed_dtypes_keep_fp32_old_logp(device):
     """bf16 logp with fp32 old/ref logprobs: the fp32 values are not rounded to bf16."""
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp, old, ref, adv, mask = make_inputs(B=3, T=64, device=device)
     logp = logp.bfloat16()
     loss, _, grad = run(grpo_loss, logp, old, ref, adv, mask, agg="token-mean")
@@ -139,7 +126,7 @@ def test_mixed_dtypes_keep_fp32_old_logp(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("agg", AGGREGATIONS)
 def test_gradcheck_fp64(device, agg):
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp, old, ref, adv, mask = make_inputs(B=3, T=5, dtype=torch.float64, device=device, seed=3)
     fn = lambda lp: grpo_loss(lp, old, ref, adv, mask, beta=0.3, agg=agg)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (logp.detach().requires_grad_(),))
@@ -147,7 +134,7 @@ def test_gradcheck_fp64(device, agg):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fully_masked_batch_gives_zero(device):
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp, old, ref, adv, _ = make_inputs(B=3, T=8, device=device)
     mask = torch.zeros(3, 8, dtype=torch.bool, device=device)
     for agg in AGGREGATIONS:
@@ -158,7 +145,7 @@ def test_fully_masked_batch_gives_zero(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_one_token_sequences(device):
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp, old, ref, adv, mask = make_inputs(B=9, T=1, device=device)
     mask[:] = True
     for agg in AGGREGATIONS:
@@ -171,7 +158,7 @@ def test_one_token_sequences(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_masked_garbage_is_ignored(device):
     """inf/NaN at masked positions (padding) never reach the loss or the gradient."""
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp, old, ref, adv, mask = make_inputs(B=4, T=16, device=device, per_token=True)
     garbage = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30], device=device)
     pad = ~mask
@@ -190,7 +177,7 @@ def test_masked_garbage_is_ignored(device):
 def test_huge_log_ratio_differences(device):
     """|log-ratios| up to 80 (exp ~ 5e34, still finite in fp32): finite and equal to the reference;
     an advantage of 0 with a huge ratio gives 0, not inf * 0 = NaN."""
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     B, T = 4, 6
     logp = torch.full((B, T), -1.0, device=device)
     old = logp + torch.tensor([80.0, -80.0, 60.0, -60.0, 0.5, -0.5], device=device)  # ratio e^-80 .. e^80
@@ -210,7 +197,7 @@ def test_huge_log_ratio_differences(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_overflow_matches_reference(device):
     """Beyond fp32's exp range the kernel gives inf exactly where the reference does (and no NaN)."""
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp = torch.zeros(2, 3, device=device)
     old = torch.tensor([[-100.0, 0.0, 0.0], [0.0, 0.0, 0.0]], device=device)  # ratio e^100 = inf in fp32
     adv = torch.tensor([-1.0, 1.0], device=device)
@@ -227,7 +214,7 @@ def test_overflow_matches_reference(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_max_len_normaliser(device):
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp, old, ref, adv, mask = make_inputs(B=4, T=10, device=device)
     kw = dict(agg="seq-mean-token-sum-norm", beta=0.05)
     loss, _, grad = run(grpo_loss, logp, old, ref, adv, mask, max_len=25, **kw)
@@ -240,7 +227,7 @@ def test_max_len_normaliser(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_float_mask_and_upstream_grad(device):
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     logp, old, ref, adv, mask = make_inputs(B=3, T=20, device=device)
     leaf = logp.detach().requires_grad_()
     loss, _ = grpo_loss(leaf, old, ref, adv, mask.float())
@@ -252,7 +239,7 @@ def test_float_mask_and_upstream_grad(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    needs_kernel(device)
+    needs_kernel("grpo_loss", device)
     ops = torch.ops.r1mega
     logp, old, ref, adv, mask = make_inputs(B=3, T=9, device=device)
     logp.requires_grad_()

@@ -8,14 +8,8 @@ from r1mega.ops import _extension
 from r1mega.ops.grpo_loss import AGGREGATIONS
 from r1mega.ops.linear_grpo_loss import STAT_NAMES, linear_grpo_loss, linear_grpo_loss_reference
 from r1mega.ops.linear_logprob import linear_logprob_reference
+from op_devices import DEVICES
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
-    ),
-]
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 

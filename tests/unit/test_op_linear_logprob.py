@@ -8,24 +8,13 @@ import torch
 
 from r1mega.ops import _extension
 from r1mega.ops.linear_logprob import linear_logprob, linear_logprob_reference, logprob_forward, logprob_grads
+from op_devices import DEVICES, needs_kernel
 
 # The module itself: `r1mega.ops.linear_logprob` as an attribute is the public function.
 llp_module = importlib.import_module("r1mega.ops.linear_logprob")
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
-    ),
-]
 # dtype -> (atol, rtol) for logp/entropy and for the gradients (relative to their largest entry)
 TOLERANCES = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-3, 2e-2)}
-
-
-def needs_kernel(op: str, device: str) -> None:
-    if not _extension.has_kernel(op, device):
-        pytest.skip(f"no compiled r1mega::{op} for {device} ({_extension.BUILD})")
 
 
 def make_inputs(n, h, v, dtype, device, scale=1.0, seed=0):

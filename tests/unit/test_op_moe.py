@@ -4,7 +4,6 @@ transformers' DeepSeek-V3 and Qwen3-MoE routers, forward and backward, plus the 
 import pytest
 import torch
 
-from r1mega.ops import _extension
 from r1mega.ops.moe import (
     moe_permute,
     moe_permute_reference,
@@ -13,25 +12,14 @@ from r1mega.ops.moe import (
     moe_unpermute,
     moe_unpermute_reference,
 )
+from op_devices import DEVICES, needs_kernel
 
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
-    ),
-]
 ROUTE_CONFIGS = [  # (E, top_k, n_group, topk_group)
     (16, 4, 1, 1),
     (64, 6, 8, 4),
     (12, 3, 4, 1),  # one group kept: all k experts come from it
     (32, 8, 8, 8),
 ]
-
-
-def needs_kernel(op: str, device: str) -> None:
-    if not _extension.has_kernel(op, device):
-        pytest.skip(f"no compiled r1mega::{op} for {device} ({_extension.BUILD})")
 
 
 def route_both(logits, bias, **kw):
