@@ -8,6 +8,7 @@ with one warning, and `r1mega-info` shows it. `R1MEGA_KERNELS=reference` forces 
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import warnings
@@ -49,7 +50,12 @@ BUILD = _load()
 
 def has_kernel(op: str, device: torch.device | str) -> bool:
     """Whether `r1mega::<op>` has a compiled kernel for this device's dispatch key."""
-    key = _DISPATCH_KEY.get(torch.device(device).type)
+    return _has_kernel(op, device.type if isinstance(device, torch.device) else torch.device(device).type)
+
+
+@functools.cache  # every op asks on every call; the kernels are all registered once, at import (above)
+def _has_kernel(op: str, device_type: str) -> bool:
+    key = _DISPATCH_KEY.get(device_type)
     if key is None or not hasattr(torch.ops.r1mega, op):
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"r1mega::{op}", key)

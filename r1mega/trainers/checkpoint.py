@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `step_<n>` holding `state.pt` (everything `torch.save` can hold: model,
 reference model, optimizer, scheduler, RNG states, data position, engine version). It is written
-under a temporary name, flushed, then renamed; `latest` is a one-line file replaced atomically with
+under a temporary name, flushed, then renamed (models.checkpoint.atomic_dir, the mechanism model
+checkpoints use too); `latest` is a one-line file replaced atomically with
 `os.replace`, so a reader sees either the old checkpoint or the new one. Older checkpoints beyond
 `keep` are deleted only after the new one is in place.
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from r1mega.models.checkpoint import atomic_dir
 
 LATEST = "latest"
 
@@ -31,15 +34,10 @@ def save(root: str | os.PathLike, step: int, state: dict[str, Any], *, keep: int
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
-    tmp = root / f".tmp_step_{step}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / "state.pt", "wb") as f:
+    with atomic_dir(final, overwrite=True) as tmp, open(tmp / "state.pt", "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
     pointer = root / f".{LATEST}.tmp"
     pointer.write_text(final.name + "\n")
     os.replace(pointer, root / LATEST)

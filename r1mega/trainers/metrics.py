@@ -1,8 +1,9 @@
 """Per-step metrics: JSONL and CSV files, TensorBoard, Weights & Biases when configured.
 
-`metrics.jsonl` is the record (one object per step); `metrics.csv` is the same table for
-spreadsheets. On resume, rows after the checkpoint's step are dropped first, so a resumed run's
-files read exactly like an uninterrupted run's.
+`metrics.jsonl` is the record, appended at every step; `metrics.csv` is the same table for
+spreadsheets, written when the logger closes (rewriting it every step would cost time quadratic in
+the number of steps). On resume, rows after the checkpoint's step are dropped first, so a resumed
+run's files read exactly like an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ class MetricsLogger:
     def _rewrite(self) -> None:
         with open(self.jsonl, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in self.rows)
-        self._write_csv()
 
     def _write_csv(self) -> None:
         columns = sorted({key for row in self.rows for key in row}, key=lambda k: (k != "step", k))
@@ -69,7 +69,6 @@ class MetricsLogger:
         self.rows.append(row)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
-        self._write_csv()
         if self.tb is not None:
             for key, value in metrics.items():
                 self.tb.add_scalar(key, value, step)
@@ -78,6 +77,7 @@ class MetricsLogger:
             self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
+        self._write_csv()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

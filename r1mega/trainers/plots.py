@@ -29,12 +29,12 @@ def plot_metrics(jsonl_path: str | Path, out_path: str | Path | None = None) -> 
         points = [(row["step"], row[key]) for row in rows if key in row]
         if points:
             ax.plot(*zip(*points), lw=1.5)
-        held_out = [(-1, row["eval/accuracy_initial"]) for row in rows[:1] if "eval/accuracy_initial" in row]
-        held_out += [(row["step"], row["eval/accuracy"]) for row in rows if "eval/accuracy" in row]
-        held_out = held_out if key == "accuracy" else []  # step -1: the base model, before any update
-        if held_out:
-            ax.plot(*zip(*held_out), "o-", lw=1.5, label="held-out pass@1")
-            ax.legend(loc="lower right", fontsize=8)
+        if key == "accuracy":  # held-out accuracy beside it; step -1 is the base model, before any update
+            held_out = [(-1, row["eval/accuracy_initial"]) for row in rows[:1] if "eval/accuracy_initial" in row]
+            held_out += [(row["step"], row["eval/accuracy"]) for row in rows if "eval/accuracy" in row]
+            if held_out:
+                ax.plot(*zip(*held_out), "o-", lw=1.5, label="held-out pass@1")
+                ax.legend(loc="lower right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
