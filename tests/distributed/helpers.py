@@ -23,6 +23,9 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        # No rank tears its gloo pair down while a peer's last collective is still in flight (a rank that
+        # did so was seen to abort: "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
