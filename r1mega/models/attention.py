@@ -6,12 +6,15 @@ paths, so memory stays linear in T:
 - plain: one causal SDPA call over the whole batch;
 - packed (`segment_ids`): one causal SDPA call per contiguous segment of each row, so attention
   stays within a segment;
-- cache (`KVCache` + `slots`): this call's keys and values are written at their positions, then the
-  queries attend over their slot's cache up to their own position (prefill and decode alike). This
-  path builds a [B, T, L] boolean mask, small for decode; long prefills pay T x L booleans.
+- cache (`KVCache` + `slots`, `attend_cached`): this call's keys and values are written at their
+  positions, then the queries attend over their slot's cache up to their own position (prefill and
+  decode alike), with plain matmuls on the cache's views. MLA caches only its normed latent and rope
+  key and attends in the latent space ("weight absorption", as DeepSeek-V3's inference does): the
+  query's no-rope part is mapped through each head's key up-projection, the attention-weighted
+  latent through its value up-projection; the same numbers as expanding keys and values, in a cache
+  (kv_lora_rank + rope_dim per token) 2 x heads x head_dim / that smaller.
 
-Deliberately left out: dropout, sliding windows, caching MLA's compressed latent (kv_cache.py caches
-expanded keys and values), and a varlen kernel for the packed path.
+Deliberately left out: dropout, sliding windows, and a varlen kernel for the packed path.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1mega.models import rope
-from r1mega.models.kv_cache import KVCache
+from r1mega.models.kv_cache import KVCache, Slots
 from r1mega.models.norm import RMSNorm
 
 
@@ -36,23 +39,38 @@ class AttnContext:
     sin: torch.Tensor
     spans: Optional[list[list[tuple[int, int]]]] = None  # packed path: per row, [start, end) of each segment
     cache: Optional[KVCache] = None
-    slots: Optional[torch.Tensor] = None  # [B]
+    slots: Optional[Slots] = None  # a slice of cache rows, or [B] row indices
     positions: Optional[torch.Tensor] = None  # [B, T], cache path
     cache_len: int = 0  # keys read from each slot: max position + 1
+    visible: Optional[torch.Tensor] = None  # [B, T, cache_len]: a query at position p sees indices 0..p
+
+
+def attend_cached(layer: int, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], scale: float,
+                  ctx: AttnContext) -> torch.Tensor:
+    """Writes k [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] (None when the cache keeps values inside the keys)
+    at their positions, then q [B, T, H, Dk] attends over its slot's cache -> [B, T, H, Dv].
+
+    Plain matmuls rather than SDPA: the cache's views go to matmul without a copy, each kv head serves
+    its G = H / Hkv queries in one product, and the mask is the [B, T, L] one built once per forward.
+    The scores are [B, H, T, L]: small for decode, T x L per head for a chunk of prefill."""
+    ctx.cache.write(layer, ctx.slots, ctx.positions, k, v)
+    keys, values = ctx.cache.read(layer, ctx.slots, ctx.cache_len)  # [B, Hkv, L, D]
+    b, t, h, _ = q.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    g = h // kv_heads
+    q = q.view(b, t, kv_heads, g, -1).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, -1)
+    scores = torch.matmul(q, keys.to(q.dtype).transpose(-1, -2)).mul_(scale)  # [B, Hkv, G*T, L]
+    scores = scores.view(b, kv_heads, g, t, length).masked_fill_(~ctx.visible[:, None, None], float("-inf"))
+    probs = scores.view(b, kv_heads, g * t, length).softmax(dim=-1)
+    out = torch.matmul(probs, values.to(q.dtype))  # [B, Hkv, G*T, Dv]
+    return out.view(b, kv_heads, g, t, -1).permute(0, 3, 1, 2, 4).reshape(b, t, h, -1)
 
 
 def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: AttnContext) -> torch.Tensor:
     """q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] -> [B, T, H, Dv]."""
-    gqa = q.shape[2] != k.shape[2]
     if ctx.cache is not None:
-        ctx.cache.write(layer, ctx.slots, ctx.positions, k, v)
-        k, v = ctx.cache.read(layer, ctx.slots, ctx.cache_len)  # [B, L, Hkv, D]
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        # a query at position p sees cache indices 0..p of its slot; later indices may be stale
-        visible = torch.arange(ctx.cache_len, device=q.device) <= ctx.positions[..., None]  # [B, T, L]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=visible[:, None], scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2)
+        return attend_cached(layer, q, k, v, scale, ctx)
+    gqa = q.shape[2] != k.shape[2]
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:
         # MLA has Dv < Dk: SDPA's flash kernel needs equal head dims and its fallback takes O(T^2)
@@ -128,11 +146,23 @@ class MLAttention(nn.Module):
         q = self.wq(x) if self.config.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_rope = q.view(b, t, -1, self.nope + self.rope_dim).split([self.nope, self.rope_dim], dim=-1)
         latent, k_rope = self.wkv_a(x).split([self.config.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.wkv_b(self.kv_norm(latent)).view(b, t, -1, self.nope + self.v_dim)
-        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        latent = self.kv_norm(latent)
         interleaved = self.config.rope_interleave
         q_rope = rope.apply(q_rope, ctx.cos, ctx.sin, interleaved=interleaved)
         k_rope = rope.apply(k_rope[:, :, None], ctx.cos, ctx.sin, interleaved=interleaved)  # [B, T, 1, rope]
+        if ctx.cache is not None:
+            return self.wo(self._attend_latent(q_nope, q_rope, latent, k_rope, ctx).reshape(b, t, -1))
+        k_nope, v = self.wkv_b(latent).view(b, t, -1, self.nope + self.v_dim).split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
         return self.wo(attend(self.layer, q, k, v, self.scale, ctx).reshape(b, t, -1))
+
+    def _attend_latent(self, q_nope, q_rope, latent, k_rope, ctx: AttnContext) -> torch.Tensor:
+        """Cached attention in the latent space: q_nope [B, T, H, nope], q_rope [B, T, H, rope], latent
+        [B, T, r], k_rope [B, T, 1, rope] -> [B, T, H, v]."""
+        up = self.wkv_b.weight.view(-1, self.nope + self.v_dim, self.config.kv_lora_rank)  # [H, nope + v, r]
+        q_latent = torch.einsum("bthn,hnr->bthr", q_nope, up[:, :self.nope])
+        q = torch.cat([q_latent, q_rope], dim=-1)
+        entry = torch.cat([latent[:, :, None], k_rope], dim=-1)  # [B, T, 1, r + rope]: one shared head
+        out_latent = attend_cached(self.layer, q, entry, None, self.scale, ctx)  # [B, T, H, r]
+        return torch.einsum("bthr,hvr->bthv", out_latent, up[:, self.nope:])

@@ -116,16 +116,16 @@ class ModelConfig:
 
     @property
     def cache_kv_heads(self) -> int:
-        # MLA caches its keys and values expanded to every head (see kv_cache.py).
-        return self.num_attention_heads if self.is_mla else self.num_key_value_heads
+        # MLA caches one latent "head" per token (see kv_cache.py).
+        return 1 if self.is_mla else self.num_key_value_heads
 
     @property
     def cache_k_head_dim(self) -> int:
-        return self.qk_head_dim
+        return self.kv_lora_rank + self.qk_rope_head_dim if self.is_mla else self.head_dim
 
     @property
     def cache_v_head_dim(self) -> int:
-        return self.v_head_dim if self.is_mla else self.head_dim
+        return self.kv_lora_rank if self.is_mla else self.head_dim
 
     def is_moe_layer(self, i: int) -> bool:
         if self.n_routed_experts == 0 or i < self.first_k_dense_replace or i in self.mlp_only_layers:

@@ -23,7 +23,7 @@ from torch import nn
 from r1mega.models import rope
 from r1mega.models.attention import AttnContext, GQAttention, MLAttention
 from r1mega.models.config import ModelConfig
-from r1mega.models.kv_cache import KVCache
+from r1mega.models.kv_cache import KVCache, Slots
 from r1mega.models.moe import MoE, SwiGLU
 from r1mega.models.norm import RMSNorm
 
@@ -94,12 +94,13 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                slots: Optional[torch.Tensor] = None, return_hidden: bool = False) -> torch.Tensor:
+                slots: Optional[Slots] = None, return_hidden: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> float logits [B, T, V], or final-normed hidden states [B, T, H] if return_hidden.
 
         segment_ids [B, T]: packed rows; each run of equal ids attends only within itself and, unless
-        position_ids is given, restarts at position 0. cache + slots [B]: write this call's keys and
-        values at position_ids (required) in the slots' cache rows and attend over them.
+        position_ids is given, restarts at position 0. cache + slots (a slice or a [B] tensor of cache
+        rows): write this call's keys and values at position_ids (required) in the slots' cache rows
+        and attend over them.
         """
         b, t = input_ids.shape
         ctx_kw = {}
@@ -108,7 +109,9 @@ class Transformer(nn.Module):
                 raise ValueError("Transformer.forward: a KV cache needs position_ids and slots")
             if segment_ids is not None:
                 raise ValueError("Transformer.forward: segment_ids and a KV cache cannot be combined")
-            ctx_kw = dict(cache=cache, slots=slots, positions=position_ids, cache_len=int(position_ids.max()) + 1)
+            cache_len = int(position_ids.max()) + 1
+            visible = torch.arange(cache_len, device=position_ids.device) <= position_ids[..., None]
+            ctx_kw = dict(cache=cache, slots=slots, positions=position_ids, cache_len=cache_len, visible=visible)
         elif segment_ids is not None:
             ctx_kw = dict(spans=segment_spans(segment_ids))
             if position_ids is None:

@@ -10,7 +10,8 @@
   samples take as many as fit. The prompt is prefilled once into the first of them (in chunks, batched
   with the other prompts admitted at the same time, right-padded) and its cache rows are copied to the
   others. Then every step decodes one token for every running sample; a finished sample frees its
-  slot at once, and the next step refills it.
+  slot at once, and the next step refills it. Running samples stay packed in slots 0..n-1 (a finished
+  sample's slot takes the cache of the last one), so decode reads the cache as views, never gathers.
 - Sampling (sampling.py) runs on the model's device, one seeded generator per sample; stop token ids
   and stop strings (stop.py); every sample reports the log-probability of each token it drew.
 - A bad request (empty prompt, too long, invalid parameters) gets error samples; the others run.
@@ -55,6 +56,7 @@ class _Seq:
     generator: Optional[torch.Generator]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    finished: bool = False
 
     @property
     def position(self) -> int:
@@ -108,7 +110,7 @@ class NativeEngine:
     def _clear_slots(self, slots) -> None:
         """Zeroes cache rows. Masked attention still multiplies the values it skips by 0, so a NaN left in
         a slot (uninitialised memory, or a sequence that diverged) would poison every later query of it."""
-        for store in (*self.cache.keys, *self.cache.values):
+        for store in self.cache.stores:
             store[slots] = 0
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
@@ -160,15 +162,15 @@ class NativeEngine:
 
     # ---- the scheduler
     def _run(self, queue: deque) -> None:
-        free = list(range(self.num_slots - 1, -1, -1))  # a stack: slot 0 is used first
-        running: list[_Seq] = []
+        running: list[_Seq] = []  # running[i] holds slot i
         while queue or running:
-            admitted = []
-            while free and queue:
+            admitted, taken = [], len(running)
+            while taken < self.num_slots and queue:
                 request = queue[0]
-                take = min(len(free), request.params.n - request.next_sample)
-                group = [self._new_seq(request, request.next_sample + i, free.pop()) for i in range(take)]
+                take = min(self.num_slots - taken, request.params.n - request.next_sample)
+                group = [self._new_seq(request, request.next_sample + i, taken + i) for i in range(take)]
                 request.next_sample += take
+                taken += take
                 if request.next_sample == request.params.n:
                     queue.popleft()
                 admitted.append(group)
@@ -176,18 +178,32 @@ class NativeEngine:
                 logits = self._prefill(admitted)  # [G, V], one row per group
                 rows = torch.tensor([g for g, group in enumerate(admitted) for _ in group], device=self.device)
                 new = [seq for group in admitted for seq in group]
-                self._advance(new, logits[rows], free)
-                running += [s for s in new if s.slot >= 0]
+                running += new
+                self._advance(new, logits[rows])
+                running = self._compact(running)
             if running:
-                self._advance(running, self._decode(running), free)
-                running = [s for s in running if s.slot >= 0]
+                self._advance(running, self._decode(running))
+                running = self._compact(running)
 
     def _new_seq(self, request: _Request, index: int, slot: int) -> _Seq:
         gen = sample_generator(request.seed, request.prompt, index, self.device) if request.params.temperature > 0 else None
         return _Seq(request, index, slot, gen)
 
-    def _advance(self, seqs: list[_Seq], logits: torch.Tensor, free: list[int]) -> None:
-        """Samples one token per seq from logits [B, V]; finishes (slot -1, slot freed) those that stop."""
+    def _compact(self, running: list[_Seq]) -> list[_Seq]:
+        """Drops finished seqs from `running` (seq i in slot i) and moves the last live ones into the
+        slots they left, so the live ones hold slots 0..n-1 again."""
+        alive = [s for s in running if not s.finished]
+        holes = [s.slot for s in running[:len(alive)] if s.finished]
+        movers = [s for s in running[len(alive):] if not s.finished]
+        for slot, seq in zip(holes, movers):
+            # positions 0..position-1 are cached; the token at `position` is written by the next decode
+            for store in self.cache.stores:
+                store[slot, :, :seq.position] = store[seq.slot, :, :seq.position]
+            seq.slot = slot
+        return sorted(alive, key=lambda s: s.slot)
+
+    def _advance(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Samples one token per seq from logits [B, V]; marks finished those that stop."""
         params = [s.request.params for s in seqs]
         temperature = torch.tensor([p.temperature for p in params], device=self.device, dtype=torch.float32)
         top_k = torch.tensor([p.top_k for p in params], device=self.device)
@@ -199,20 +215,19 @@ class NativeEngine:
             seq.logprobs.append(logprob)
             if not ok:
                 self._clear_slots(seq.slot)
-                self._finish(seq, "error", free, error=f"non-finite logits at generated token {len(seq.tokens)}")
+                self._finish(seq, "error", error=f"non-finite logits at generated token {len(seq.tokens)}")
                 continue
             reason = seq.request.stop.check(seq.tokens)
             if reason is None and len(seq.tokens) >= seq.request.params.max_new_tokens:
                 reason = "length"
             if reason is not None:
-                self._finish(seq, reason, free)
+                self._finish(seq, reason)
 
-    def _finish(self, seq: _Seq, reason: str, free: list[int], error: Optional[str] = None) -> None:
+    def _finish(self, seq: _Seq, reason: str, error: Optional[str] = None) -> None:
         out = seq.request.samples[seq.index]
         out.token_ids, out.logprobs, out.finish_reason, out.error = seq.tokens, seq.logprobs, reason, error
         out.text = seq.request.stop.finalize(seq.tokens)
-        free.append(seq.slot)
-        seq.slot = -1
+        seq.finished = True
 
     # ---- model calls
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -267,13 +282,13 @@ class NativeEngine:
         if not dst:
             return
         index = torch.tensor(dst, device=self.device)
-        for store in (*self.cache.keys, *self.cache.values):
-            store[index, :length] = store[src, :length]
+        for store in self.cache.stores:
+            store[index, :, :length] = store[src, :, :length].clone()  # same storage: no aliasing copy
 
     def _decode(self, seqs: list[_Seq]) -> torch.Tensor:
-        """One token for every running seq: logits [B, V] after its last sampled token."""
+        """One token for every running seq (seq i in slot i): logits [B, V] after its last sampled token."""
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.position] for s in seqs], device=self.device)  # [B, 1]
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        hidden = self.model(ids, position_ids=positions, cache=self.cache, slots=slots, return_hidden=True)
+        hidden = self.model(ids, position_ids=positions, cache=self.cache, slots=slice(0, len(seqs)),
+                            return_hidden=True)
         return self._logits(hidden[:, 0])

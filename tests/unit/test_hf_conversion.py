@@ -214,7 +214,7 @@ def test_hub_config_matches_preset_and_bad_configs_are_named():
     assert {k: v for k, v in got.to_dict().items() if k != "hf_extra"} == \
         {k: v for k, v in want.to_dict().items() if k != "hf_extra"}
     assert "quantization_config" not in got.to_hf() and "auto_map" not in got.to_hf()
-    assert got.cache_kv_heads == 128 and got.cache_k_head_dim == 192 and got.cache_v_head_dim == 128
+    assert got.cache_kv_heads == 1 and got.cache_k_head_dim == 576 and got.cache_v_head_dim == 512
     with pytest.raises(ConfigError, match="topk_group"):
         ModelConfig.from_hf({**DEEPSEEK_V3_HUB, "topk_group": 9})
     with pytest.raises(ConfigError, match="hidden_act"):

@@ -63,6 +63,23 @@ def test_logprobs_match_a_full_forward(checkpoints, temperature, top_k, top_p):
             torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-4, rtol=0)
 
 
+def test_samples_finishing_at_different_steps_stay_exact(checkpoints):
+    # Per-prompt lengths make samples finish at different steps, so finished slots are refilled and
+    # running samples are moved between slots mid-generation (the engine keeps them packed).
+    model, _ = hf.load(checkpoints["deepseek_v3"])
+    engine = NativeEngine(model, max_slots=3, max_len=64)
+    lengths = [3, 11, 6, 14]
+    params = [SamplingParams(temperature=1.0, max_new_tokens=n, n=2, seed=5) for n in lengths]
+    out = engine.generate(PROMPTS, params)
+    alone = [NativeEngine(model, max_slots=1, max_len=64).generate([p], [q])[0] for p, q in zip(PROMPTS, params)]
+    for prompt, n, samples, single in zip(PROMPTS, lengths, out, alone):
+        assert [s.token_ids for s in samples] == [s.token_ids for s in single]
+        for s in samples:
+            assert len(s.token_ids) == n
+            want = full_forward_logprobs(model, prompt, s.token_ids, 1.0)
+            torch.testing.assert_close(torch.tensor(s.logprobs), want, atol=1e-4, rtol=0)
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(checkpoints):
     model, _ = hf.load(checkpoints["qwen2"])
     params = SamplingParams(temperature=1.0, max_new_tokens=8, n=3, seed=11)
