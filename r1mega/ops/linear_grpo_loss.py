@@ -17,6 +17,11 @@ the trainer holds them (any leading shape works as long as hidden.shape[:-1] == 
 shape grpo_loss expects). `process_group`: vocabulary parallel as in `linear_logprob` (weight is this
 rank's shard, grad_hidden is all-reduced, every rank gets the same loss).
 
+`old_logp=None` is the on-policy case (one optimizer step per rollout batch): the old policy is the
+current one, so old_logp is this pass's own logp, detached (ratio exactly 1, no extra forward to get
+it). `return_logp=True` also returns that logp [B, T] (detached), e.g. to log the engine-vs-trainer
+mismatch without a second forward.
+
 Stats (0-d, no grad): grpo_loss's STATS plus "entropy" (mean over valid tokens).
 Deliberately left out: the entropy bonus (entropy is reported, not optimised) and double backward.
 """
@@ -56,6 +61,8 @@ class _LinearGRPOLoss(torch.autograd.Function):
         t = targets.reshape(-1)  # [N]
         logp, entropy, lse = logprob_forward(h, weight, t, temperature, chunk_size, group)  # [N] each
         logp_bt = logp.view(targets.shape).detach().requires_grad_()
+        if old_logp is None:
+            old_logp = logp_bt.detach()
         with torch.enable_grad():
             loss, stats = grpo_loss(logp_bt, old_logp, ref_logp, advantages, mask, **grpo_kw)
         valid = mask != 0
@@ -67,11 +74,12 @@ class _LinearGRPOLoss(torch.autograd.Function):
                                                      entropy, temperature, chunk_size, group)
             ctx.save_for_backward(grad_hidden.view_as(hidden), grad_weight)
         stats = torch.stack([stats[k].to(entropy_mean.dtype) for k in STATS] + [entropy_mean])
-        ctx.mark_non_differentiable(stats)
-        return loss.detach(), stats
+        logp = logp_bt.detach()
+        ctx.mark_non_differentiable(stats, logp)
+        return loss.detach(), stats, logp
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
+    def backward(ctx, grad_loss, _grad_stats, _grad_logp):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
                 None, None, None, None, None, None, None, None, None)
@@ -81,7 +89,7 @@ def linear_grpo_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
@@ -94,12 +102,14 @@ def linear_grpo_loss(
     max_len: int | None = None,
     chunk_size: int | None = None,
     process_group: dist.ProcessGroup | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return_logp: bool = False,
+):
     """GRPO loss of the output projection (module docstring).
 
     hidden: [B, T, H]; weight: [V, H] (this rank's shard under `process_group`); targets: [B, T] int64;
-    old_logp, ref_logp (or None: no KL), mask: [B, T]; advantages: [B] or [B, T]. `max_len` as in grpo_loss.
-    Returns (loss: 0-d fp32 (fp64 for fp64 inputs), stats: dict of 0-d tensors named in `STAT_NAMES`).
+    old_logp (or None: on-policy), ref_logp (or None: no KL), mask: [B, T]; advantages: [B] or [B, T].
+    `max_len` as in grpo_loss. Returns (loss: 0-d fp32 (fp64 for fp64 inputs), stats: dict of 0-d
+    tensors named in `STAT_NAMES`), and logp [B, T] when `return_logp`.
     """
     if hidden.shape[:-1] != targets.shape or targets.dtype != torch.int64:
         raise ValueError(f"linear_grpo_loss: targets must be int64 of hidden's leading shape "
@@ -111,6 +121,7 @@ def linear_grpo_loss(
         raise ValueError(f"linear_grpo_loss: temperature must be positive, got {temperature}")
     chunk = chunk_size or default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
     grpo_kw = dict(clip_low=clip_low, clip_high=clip_high, beta=beta, agg=agg, max_len=max_len)
-    loss, stats = _LinearGRPOLoss.apply(hidden, weight, targets, old_logp, ref_logp, advantages, mask,
-                                        float(temperature), grpo_kw, chunk, process_group)
-    return loss, dict(zip(STAT_NAMES, stats.unbind(0)))
+    loss, stats, logp = _LinearGRPOLoss.apply(hidden, weight, targets, old_logp, ref_logp, advantages, mask,
+                                              float(temperature), grpo_kw, chunk, process_group)
+    stats = dict(zip(STAT_NAMES, stats.unbind(0)))
+    return (loss, stats, logp) if return_logp else (loss, stats)

@@ -28,7 +28,7 @@ from r1mega.trainers.components import (
 from r1mega.trainers.evaluate import evaluate, rollout_metrics
 from r1mega.trainers.metrics import MetricsLogger
 from r1mega.trainers.plots import plot_metrics
-from r1mega.trainers.policy_update import sequence_logprobs, update_policy
+from r1mega.trainers.policy_update import is_on_policy, sequence_logprobs, update_policy
 from r1mega.trainers.prompts import PromptStream
 from r1mega.trainers.rollout_batch import RolloutBatch
 from r1mega.trainers.schedule import lr_factor, value_at
@@ -81,7 +81,8 @@ class GRPOTrainer:
         batch = RolloutBatch.from_samples(samples, torch.as_tensor(scores.rewards, dtype=torch.float32))
         logprob_args = dict(temperature=cfg.rollout.temperature, token_budget=algo.token_budget, device=self.device)
         started = time.perf_counter()
-        batch.old_logp = sequence_logprobs(self.policy, batch, **logprob_args)
+        if not is_on_policy(algo):  # else the loss pass takes its own, detached (policy_update.py)
+            batch.old_logp = sequence_logprobs(self.policy, batch, **logprob_args)
         if algo.beta > 0:
             batch.ref_logp = sequence_logprobs(self.reference, batch, **logprob_args)
         rewards = batch.rewards

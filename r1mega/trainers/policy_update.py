@@ -3,6 +3,11 @@
 Logprobs and the loss both run on packed micro-batches (whole sequences up to a token budget) and go
 through the fused vocabulary-chunked ops, so no [tokens, vocabulary] tensor ever exists.
 
+On-policy (one mini-batch, one inner epoch, so the only optimizer step sees the policy that the
+rollouts' old logprobs would come from), the batch arrives without old logprobs: the loss pass uses
+its own, detached (the op's `old_logp=None`), and stores them in the batch for the metrics. That saves
+one full forward per step, as TRL does in the same case.
+
 Micro-batch losses are weighted so that their sum equals the loss of the whole mini-batch under the
 configured aggregation: by the share of sequences (sequence-level means) or of valid tokens
 (token-mean), since the op normalises within the tensors it is given.
@@ -37,13 +42,23 @@ def _share(micro: RolloutBatch, mini: RolloutBatch, agg: str) -> float:
     return float((micro.mask.sum(1) > 0).sum() / (mini.mask.sum(1) > 0).sum().clamp(min=1))
 
 
+def is_on_policy(algo) -> bool:
+    """True when one optimizer step consumes the whole rollout batch, so old logprobs = current ones."""
+    return algo.mini_batches == 1 and algo.inner_epochs == 1 and not algo.kl_in_reward
+
+
 def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, temperature: float, device,
                   generator: random.Random) -> dict[str, float]:
     """Inner epochs over shuffled mini-batches: forward, fused logprob + GRPO loss, backward, step.
 
+    `batch.old_logp` None: on-policy (module docstring); filled from the loss pass on return.
     Returns the mean of each statistic over optimizer steps, plus `nan_steps`: updates skipped
     because the loss or the gradient norm was not finite.
     """
+    on_policy = batch.old_logp is None
+    if on_policy and not is_on_policy(algo):
+        raise ValueError("a batch without old logprobs needs one mini-batch, one inner epoch and the KL in the loss")
+    current_logp = torch.zeros_like(batch.mask)
     totals: dict[str, float] = {}
     updates = nan_steps = 0
     beta = 0.0 if algo.kl_in_reward or batch.ref_logp is None else algo.beta
@@ -52,18 +67,24 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
         generator.shuffle(order)
         size = math.ceil(len(order) / algo.mini_batches)
         for start in range(0, len(order), size):
-            mini = batch.select(order[start:start + size])
+            members = order[start:start + size]
+            mini = batch.select(members)
             optimizer.zero_grad(set_to_none=True)
             step_stats: dict[str, float] = {}
             for index in mini.micro_batches(algo.token_budget):
                 micro = mini.select(index)
                 hidden = response_hidden(model, micro, device)
                 ref = None if beta == 0.0 else micro.ref_logp.to(device)
-                loss, stats = linear_grpo_loss(
-                    hidden, model.output_weight, micro.response_ids.to(device), micro.old_logp.to(device), ref,
+                old = None if on_policy else micro.old_logp.to(device)
+                loss, stats, logp = linear_grpo_loss(
+                    hidden, model.output_weight, micro.response_ids.to(device), old, ref,
                     micro.advantages.to(device), micro.mask.to(device), temperature=temperature,
                     clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg,
-                    max_len=batch.response_ids.shape[1])  # one divisor for every micro-batch (token-sum-norm)
+                    max_len=batch.response_ids.shape[1],  # one divisor for every micro-batch (token-sum-norm)
+                    return_logp=True)
+                if on_policy:
+                    rows = torch.tensor([members[i] for i in index])[:, None]
+                    current_logp[rows, torch.arange(logp.shape[1])[None]] = logp.float().cpu() * micro.mask
                 share = _share(micro, mini, algo.agg)
                 (loss * share).backward()
                 step_stats["loss"] = step_stats.get("loss", 0.0) + loss.item() * share
@@ -80,6 +101,8 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value
     scheduler.step()
+    if on_policy:
+        batch.old_logp = current_logp
     means = {f"train/{k}": v / max(1, updates) for k, v in totals.items()}
     means["train/nan_steps"] = float(nan_steps)
     return means

@@ -81,6 +81,31 @@ def test_no_ref_per_token_advantages_temperature(device):
     torch.testing.assert_close(stats["kl"], stats_r["kl"])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+def test_on_policy_old_logp_is_the_current_logp(device, agg):
+    # old_logp=None must mean "old policy = current policy": the reference fed the current policy's own
+    # logprobs (from materialised logits), detached, as old_logp
+    temperature = 0.9
+    hidden, weight, targets, _, ref, adv, mask = make_batch(4, 9, 16, 101, torch.float64, device, temperature)
+    current = linear_logprob_reference(hidden.reshape(-1, 16), weight, targets.reshape(-1),
+                                       temperature=temperature)[0].view(4, 9)
+    kw = dict(temperature=temperature, beta=0.01, agg=agg)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, stats = linear_grpo_loss(h, w, targets, None, ref, adv, mask, chunk_size=16, **kw)
+    gh, gw = torch.autograd.grad(loss, (h, w))
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss_r, _ = linear_grpo_loss_reference(h, w, targets, current, ref, adv, mask, **kw)
+    gh_r, gw_r = torch.autograd.grad(loss_r, (h, w))
+    torch.testing.assert_close(loss, loss_r)
+    torch.testing.assert_close(gh, gh_r)
+    torch.testing.assert_close(gw, gw_r)
+    assert stats["clip_fraction"] == 0 and stats["ratio_min"] == 1 and stats["ratio_max"] == 1
+    _, _, logp = linear_grpo_loss(hidden, weight, targets, None, ref, adv, mask, return_logp=True, **kw)
+    assert not logp.requires_grad
+    torch.testing.assert_close(logp, current)
+
+
 def test_gradcheck_fp64():
     hidden, weight, targets, old, ref, adv, mask = make_batch(2, 5, 4, 13, torch.float64, "cpu", 1.0)
     h = hidden.requires_grad_()
