@@ -35,6 +35,25 @@ class ScoreResult:
     reasons: dict[str, list[str | None]]   # name -> [N] why a score is not full marks (or the error)
     metrics: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def concat(cls, parts: Sequence["ScoreResult"]) -> "ScoreResult":
+        """One result for batches scored apart at the same time (by data-parallel ranks), equal to scoring
+        them as one batch: per-completion lists joined in order, counts summed, the time the longest."""
+        names = list(parts[0].components)
+        components = {n: [v for p in parts for v in p.components[n]] for n in names}
+        reasons = {n: [r for p in parts for r in p.reasons[n]] for n in names}
+        metrics = _metrics(components, errors=sum(p.metrics["reward/errors"] for p in parts),
+                           timeouts=sum(p.metrics["reward/timeouts"] for p in parts),
+                           seconds=max(p.metrics["reward/score_time_s"] for p in parts))
+        return cls([r for p in parts for r in p.rewards], components, reasons, metrics)
+
+
+def _metrics(components: Mapping[str, Sequence[float]], *, errors: float, timeouts: float,
+             seconds: float) -> dict[str, float]:
+    n = max(len(next(iter(components.values()), ())), 1)
+    return {"reward/errors": float(errors), "reward/timeouts": float(timeouts), "reward/score_time_s": seconds,
+            **{f"reward/{name}": sum(values) / n for name, values in components.items()}}
+
 
 def _worker_main(conn: Connection, modules: Sequence[str]) -> None:
     import r1mega.rewards  # noqa: F401  (registers every reward in this process)
@@ -124,10 +143,8 @@ class ScoringPool:
         run = self._score_in_process if self.num_workers == 0 else self._score_in_workers
         run(completions, samples, scores, reasons, counts)
         rewards = [sum(s.weight * scores[s.name][i] for s in self.specs) for i in range(len(completions))]
-        n = max(len(completions), 1)
-        metrics = {"reward/errors": float(counts["errors"]), "reward/timeouts": float(counts["timeouts"]),
-                   "reward/score_time_s": time.perf_counter() - started,
-                   **{f"reward/{name}": sum(values) / n for name, values in scores.items()}}
+        metrics = _metrics(scores, errors=counts["errors"], timeouts=counts["timeouts"],
+                           seconds=time.perf_counter() - started)
         return ScoreResult(rewards, scores, reasons, metrics)
 
     def _score_in_process(self, completions, samples, scores, reasons, counts) -> None:

@@ -46,14 +46,19 @@ class TokenBatch:
         def pick(value):
             if isinstance(value, torch.Tensor):
                 return value[idx, :width] if value.dim() == 2 else value[idx]
-            return None if value is None else [value[i] for i in index]
+            if isinstance(value, list):
+                return [value[i] for i in index]
+            return value  # None, or a value of the whole batch (a data-parallel shard's rank)
 
         return dataclasses.replace(self, **{f.name: pick(getattr(self, f.name)) for f in dataclasses.fields(self)})
 
+    def lengths(self) -> list[int]:
+        """Tokens of each sample's sequence (prompt + response)."""
+        return [len(self.prompt_ids[i]) + int(self.mask[i].sum()) for i in range(len(self))]
+
     def micro_batches(self, token_budget: int) -> list[list[int]]:
         """Indices of the samples in each micro-batch: whole sequences packed up to the token budget."""
-        return pack_sequences([len(self.prompt_ids[i]) + int(self.mask[i].sum()) for i in range(len(self))],
-                              token_budget)
+        return pack_sequences(self.lengths(), token_budget)
 
 
 def response_hidden(model, batch: TokenBatch, device) -> torch.Tensor:

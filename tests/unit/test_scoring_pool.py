@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import reward_helpers  # noqa: E402,F401  (registers the misbehaving rewards here; workers import it by name)
 
-from r1mega.rewards import ScoringPool, get_reward  # noqa: E402
+from r1mega.rewards import ScoreResult, ScoringPool, get_reward  # noqa: E402
 
 HELPERS = ["reward_helpers"]
 COMPLETIONS = ["<think>a</think><answer>\\frac{1}{2}</answer>", "<think>a</think><answer>3</answer>", "nothing"]
@@ -55,3 +55,17 @@ def test_pool_survives_raise_hang_and_exit():
         again = pool.score(["ok", "ok"], [{}, {}])
         assert again.rewards == [3.0, 3.0] and len(pool._workers) == 2
         assert all(w.process.is_alive() for w in pool._workers)
+
+
+def test_concat_equals_scoring_one_batch():
+    # Data-parallel ranks score their shares apart; the joined result must be the one-batch result.
+    components = [("math_accuracy", 1.0), ("format_r1_zero", 0.5), ("test_raises", 1.0)]
+    completions, samples = [*COMPLETIONS, "raise"], [*SAMPLES, {"answer": "2"}]
+    with ScoringPool(components, 0, modules=HELPERS) as pool:
+        whole = pool.score(completions, samples)
+        parts = [pool.score(completions[:1], samples[:1]), pool.score(completions[1:], samples[1:])]
+    joined = ScoreResult.concat(parts)
+    assert (joined.rewards, joined.components, joined.reasons) == (whole.rewards, whole.components, whole.reasons)
+    timeless = lambda m: {k: v for k, v in m.items() if k != "reward/score_time_s"}  # noqa: E731
+    assert timeless(joined.metrics) == timeless(whole.metrics)
+    assert joined.metrics["reward/score_time_s"] == max(p.metrics["reward/score_time_s"] for p in parts)
