@@ -6,7 +6,7 @@ names are exactly the mapping's.
 megatron-core allocates on `torch.cuda.current_device()`; this helper (never the package) points that
 at the CPU and skips megatron's CUDA-RNG weight init (weights are loaded anyway). It runs in its own
 process because it initialises torch.distributed (gloo, world of one) and megatron's parallel state.
-Usage: python tests/megatron_cpu_parity.py PORT NAME...
+Usage: python tests/megatron_cpu_parity.py PORT NAME... (NAME: a config; policy:NAME runs `run_policy`)
 """
 
 import json
@@ -71,20 +71,31 @@ def build(cfg: ModelConfig):
     return m.eval()
 
 
-def run(name: str) -> dict:
-    cfg = CONFIGS[name]()
+def perturbed_native(cfg: ModelConfig) -> Transformer:
+    """A random native model with norms, biases and the expert bias away from their constant init."""
     torch.manual_seed(0)
     native = Transformer(cfg).eval()
-    with torch.no_grad():  # norms, biases and the expert bias away from their constant init
+    with torch.no_grad():
         for n, t in list(native.named_parameters()) + list(native.named_buffers()):
             if "norm" in n:
                 t.copy_(1 + 0.2 * torch.randn_like(t))
             elif n.endswith("bias"):
                 t.copy_(0.1 * torch.randn_like(t))
+    return native
+
+
+def build_loaded(cfg: ModelConfig, native: Transformer):
     m = build(cfg)
+    m.load_state_dict(dict(mapping.native_to_megatron(cfg, native.state_dict().items())), strict=False)
+    return m
+
+
+def run(name: str) -> dict:
+    cfg = CONFIGS[name]()
+    native = perturbed_native(cfg)
+    m = build_loaded(cfg, native)
     names = sorted(k for k in m.state_dict() if not k.endswith("_extra_state"))
     same_names = names == sorted(mapping.megatron_names(cfg))
-    m.load_state_dict(dict(mapping.native_to_megatron(cfg, native.state_dict().items())), strict=False)
     ids = torch.randint(0, cfg.vocab_size, (2, 11))
     with torch.no_grad():
         ref = native(ids)
@@ -95,6 +106,42 @@ def run(name: str) -> dict:
                 scale=ref.abs().max().item())
 
 
+def run_policy(name: str) -> dict:
+    """The trainer's path through `MegatronPolicy` against the native model on the same weights: packed
+    micro-batch hidden states, on-policy GRPO loss and gradient norm, an SGD step (plain, so weight
+    differences are gradient differences), the expert-bias update and the weights exported for the
+    rollout engine."""
+    from r1mega.backends.megatron.policy import MegatronPolicy
+    from r1mega.models.balance import update_expert_bias
+    from r1mega.ops.linear_grpo_loss import linear_grpo_loss
+    from r1mega.trainers.token_batch import TokenBatch, response_hidden
+
+    cfg = CONFIGS[name]()
+    native = perturbed_native(cfg).train()
+    policy = MegatronPolicy(cfg, build_loaded(cfg, native).train())
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 9, 3]
+    prompts = [torch.randint(0, cfg.vocab_size, (4,), generator=gen).tolist() for _ in lengths]
+    ids, mask = TokenBatch.pad([torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths])
+    batch, advantages = TokenBatch(prompts, ids, mask), torch.randn(len(lengths), generator=gen)
+    results = {}
+    for label, model in (("native", native), ("megatron", policy)):
+        hidden = response_hidden(model, batch, "cpu")
+        loss, _ = linear_grpo_loss(hidden, model.output_weight, ids, None, None, advantages, mask, beta=0.0)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        results[label] = (hidden.detach(), loss.item(), grad_norm.item())
+    update_expert_bias(native, 0.01)
+    policy.update_expert_bias(0.01)
+    exported, want = dict(policy.engine_weights()), native.state_dict()
+    (h_n, loss_n, norm_n), (h_m, loss_m, norm_m) = results["native"], results["megatron"]
+    return dict(name=name, mode="policy", hidden_diff=(h_m - h_n).abs().max().item(), loss_diff=abs(loss_m - loss_n),
+                grad_norm_rel_diff=abs(norm_m - norm_n) / norm_n, same_keys=sorted(exported) == sorted(want),
+                weights_diff=max((exported[k] - t).abs().max().item() for k, t in want.items() if k in exported),
+                bias_moved=any("expert_bias" in k and t.abs().max() > 0.1 + 1e-3 for k, t in want.items()))
+
+
 def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
@@ -103,7 +150,8 @@ def main() -> None:
     parallel_state.initialize_model_parallel(1, 1)
     compat.apply()
     for name in sys.argv[2:]:
-        print(json.dumps(run(name)), flush=True)
+        mode, _, name = name.rpartition(":")
+        print(json.dumps(run_policy(name) if mode == "policy" else run(name)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+"""`MegatronPolicy`: a megatron-core GPTModel behind the interface the trainers use of a `Transformer`.
+
+What the GRPO trainer asks of its policy, and how each is answered here:
+- `forward(input_ids, segment_ids=..., return_hidden=True)` on packed micro-batches (several
+  sequences side by side in one row, token_batch.response_hidden): megatron's attention here has no
+  packed-sequence path, so each segment becomes a row of a right-padded batch (attention is causal,
+  so padding after a sequence never reaches it) and the hidden states are put back in packed order;
+- `output_weight`: this rank's vocabulary shard of the output matrix, for the fused loss ops;
+- `config` (the r1mega ModelConfig), `parameters()`, `state_dict()` (megatron names) for the
+  optimizer and checkpoints;
+- `engine_weights()`: native (name, tensor) pairs for the rollout engine's `update_weights`;
+- `update_expert_bias(rate)`: the aux-loss-free balancing step with the token counts megatron's
+  routers keep (`local_tokens_per_expert`, padding taken back out), by the same sign rule as
+  r1mega.models.balance.
+
+Deliberately left out: tensor-parallel weight export (native_weights gathers nothing yet) and the
+KV-cache path (rollouts run in the engine, never through this model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from r1mega.backends.megatron.loss import hidden_states, output_weight
+from r1mega.backends.megatron.model import native_weights
+from r1mega.models.config import ModelConfig
+
+
+class MegatronPolicy(nn.Module):
+    def __init__(self, config: ModelConfig, model: nn.Module):
+        super().__init__()
+        self.config, self.model = config, model
+
+    @classmethod
+    def from_native(cls, native: nn.Module, parallel=None, dtype: torch.dtype = torch.float32) -> "MegatronPolicy":
+        """Builds the GPTModel for `native.config` (GPU) and loads `native`'s weights into it."""
+        from r1mega.backends.megatron.config import ParallelConfig
+        from r1mega.backends.megatron.model import build_model, load_native_weights
+
+        model = build_model(native.config, parallel or ParallelConfig(), dtype=dtype)
+        load_native_weights(model, native.config, native.state_dict().items())
+        return cls(native.config, model)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return output_weight(self.model)
+
+    def forward(self, input_ids: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> final-normed hidden states [B, T, H]; segment_ids [B, T] as Transformer's."""
+        if not return_hidden:
+            raise ValueError("MegatronPolicy returns hidden states only (return_hidden=True): the loss ops "
+                             "apply the vocabulary-parallel output layer themselves")
+        if segment_ids is None:
+            return hidden_states(self.model, input_ids)
+        from r1mega.models.transformer import segment_spans
+
+        spans = [(row, s, e) for row, row_spans in enumerate(segment_spans(segment_ids)) for s, e in row_spans]
+        width = max(e - s for _, s, e in spans)
+        padded = input_ids.new_zeros(len(spans), width)
+        padding = torch.ones(len(spans), width, dtype=torch.bool, device=input_ids.device)
+        for i, (row, s, e) in enumerate(spans):
+            padded[i, :e - s] = input_ids[row, s:e]
+            padding[i, :e - s] = False
+        with self._padding_not_counted(padding):
+            hidden = hidden_states(self.model, padded)  # [segments, width, H]
+        rows = [torch.cat([hidden[i, :e - s] for i, (r, s, e) in enumerate(spans) if r == row])
+                for row in range(input_ids.shape[0])]
+        return torch.stack(rows)
+
+    @contextlib.contextmanager
+    def _padding_not_counted(self, padding: torch.Tensor):
+        """Takes padded tokens [B, T] back out of the routers' expert-load counts. (megatron-core
+        0.16's own `padding_mask` fails to broadcast in its expert-bias count, so a hook on each
+        router subtracts what the padding added; routers count only when grad is enabled.)"""
+        flat = padding.transpose(0, 1).reshape(-1)  # megatron's token order: [T, B] flattened
+
+        def subtract(router, _inputs, outputs):
+            if torch.is_grad_enabled():
+                with torch.no_grad():
+                    router.local_tokens_per_expert -= outputs[1][flat].sum(dim=0)
+
+        hooks = [router.register_forward_hook(subtract) for router in self.routers()]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def engine_weights(self):
+        return native_weights(self.model, self.config)
+
+    @torch.no_grad()
+    def update_expert_bias(self, rate: float) -> None:
+        for router in self.routers():
+            load = router.local_tokens_per_expert.float()
+            if load.sum() > 0:
+                router.expert_bias -= rate * torch.sign(load - load.mean()).to(router.expert_bias.dtype)
+            router.local_tokens_per_expert.zero_()
+
+    def routers(self) -> list[nn.Module]:
+        """The MoE routers that keep an expert bias."""
+        return [m for m in self.model.modules()
+                if getattr(m, "expert_bias", None) is not None and hasattr(m, "local_tokens_per_expert")]
