@@ -8,9 +8,10 @@
 Modules: config.py (ModelConfig -> TransformerConfig), model.py (build, load/export weights),
 core_attention.py (the SDPA fallback when Transformer Engine is absent), mapping.py (native/HF <->
 megatron names, tensor-parallel shards), loss.py (logprobs and GRPO loss on vocabulary-parallel
-logits). Names resolve lazily: the mapping and config-translation functions work without
-megatron-core (CPU tests, checkpoint conversion); everything that builds or runs a model raises an
-ImportError saying how to install it.
+logits), policy.py (`MegatronPolicy`: the model behind the trainer's policy interface). Names
+resolve lazily: the mapping and config-translation functions work without megatron-core (CPU tests,
+checkpoint conversion); everything that builds or runs a model raises an ImportError saying how to
+install it.
 
 Deliberately left out: pipeline parallelism, megatron's distributed optimizer and DDP wrapper.
 """
@@ -36,6 +37,7 @@ _LAZY = {
     "SDPACoreAttention": ("core_attention", True),
     "hidden_states": ("loss", True), "logprobs": ("loss", True), "grpo_loss": ("loss", True),
     "output_weight": ("loss", True),
+    "MegatronPolicy": ("policy", True),
 }
 
 __all__ = ["MISSING_MESSAGE", "require_megatron", *_LAZY]
