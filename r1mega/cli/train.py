@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -25,6 +26,8 @@ def main(cfg) -> None:
     from r1mega.trainers.grpo import train
 
     final = train(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     if "eval/accuracy_initial" in final or "eval/accuracy" in final:
         print(f"held-out accuracy: base {final.get('eval/accuracy_initial', float('nan')):.3f} -> "
               f"after GRPO {final.get('eval/accuracy', float('nan')):.3f}")

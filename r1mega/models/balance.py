@@ -7,8 +7,9 @@ number of tokens routed to each expert since the previous update (training-mode 
 forward's load when there was none). The bias only selects experts, it never weights them, and it
 moves outside autograd.
 
-Deliberately left out: summing loads across data-parallel ranks (r1mega/parallel all-reduces
-`load_since_update` before calling this), the sequence-wise auxiliary loss of the paper.
+Deliberately left out: summing loads across data-parallel ranks (the GRPO trainer all-reduces
+`load_since_update` before calling this: r1mega/trainers/data_parallel.py), the sequence-wise auxiliary
+loss of the paper.
 """
 
 from __future__ import annotations

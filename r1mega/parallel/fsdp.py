@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from r1mega.parallel.blocks import blocks as model_blocks
 from r1mega.parallel.dims import ParallelDims
@@ -46,4 +46,16 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mp: MixedPrecisionPolicy | 
         # The last block's parameters are needed first in backward: keep them gathered.
         fully_shard(block, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=dense_mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def sum_gradients(model: nn.Module) -> nn.Module:
+    """Makes every FSDP unit of `model` reduce gradients by a plain sum over its mesh, instead of the
+    mean (and the experts' divisor above): for a loss that each rank has already normalised by global
+    counts, so that the ranks' gradients add up to the global batch's. Sum-only collectives, no
+    PREMUL_SUM or AVG, which gloo lacks."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
     return model

@@ -38,11 +38,16 @@ def rollout_metrics(samples, scores, batch, tokenizer) -> dict[str, float]:
     return metrics
 
 
-def evaluate(engine, tokenizer, rows: Sequence[Mapping[str, Any]], scorer, sampling) -> dict[str, float]:
-    """Held-out accuracy, reward and response length of `sampling.n` samples per question."""
+def generate_and_score(engine, tokenizer, rows: Sequence[Mapping[str, Any]], scorer, sampling):
+    """(`sampling.n` samples per question, flat, question after question; their scores)."""
     groups = engine.generate([tokenizer.encode(r["prompt"]) for r in rows], sampling)
     samples = [s for group in groups for s in group]
-    scores = scorer.score([s.text for s in samples], [r for r in rows for _ in range(sampling.n)])
+    return samples, scorer.score([s.text for s in samples], [r for r in rows for _ in range(sampling.n)])
+
+
+def eval_metrics(samples, scores) -> dict[str, float]:
+    """Held-out accuracy, reward and response length of `generate_and_score`'s samples (gathered from
+    every data-parallel rank when they were generated in shares)."""
     accuracy = accuracy_of(scores.components) or [0.0] * len(samples)
     return {
         "eval/accuracy": sum(accuracy) / len(accuracy),

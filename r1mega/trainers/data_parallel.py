@@ -1,0 +1,148 @@
+"""Data parallelism for the GRPO trainer: the process group, the sharded policy, and the few collectives a
+step needs, so that N processes compute what one process computes with the same global batch.
+
+Under torchrun (WORLD_SIZE > 1) `DataParallel.launch` starts the process group (r1mega.parallel.launch:
+gloo on CPU, nccl on GPUs, the dead-rank watchdog) and builds `ParallelDims` from `cfg.parallel`;
+`parallelize` applies FSDP2 (HSDP with parallel.dp_replicate > 1). At world size 1 there is no process
+group and every method below returns its input. One step:
+
+- rollouts: every rank draws the same questions (same seed, same stream) and generates and scores only
+  its contiguous share (`local`); `gather` all-gathers samples and scores, so every rank holds the batch
+  one process would, in the same order. Sampling is seeded per (seed, prompt, sample index), so the
+  samples are the same as one process's too.
+- logprobs and loss: `shard` turns the batch into a `ShardedRolloutBatch` (each rank runs its share of
+  the micro-batches); the per-token logprobs each rank computed are summed over ranks (`sum`, zeros
+  elsewhere). policy_update.py weights each micro-batch's loss by its share of the global mini-batch's
+  sequences or tokens, so the ranks' losses add up to the global loss: FSDP is set to sum gradients
+  over ranks (parallel.fsdp.sum_gradients) instead of averaging them.
+- statistics: those of the loss are share-weighted sums, so they are summed over ranks; the gradient
+  norm is already global (clipping runs on the sharded DTensor gradients). A step is skipped when the
+  loss or that norm is not finite; policy_update.py reads the rank's own loss, but a non-finite loss
+  brings non-finite gradients, hence a non-finite global norm, so the ranks skip together.
+- MoE: expert loads are summed over ranks before the bias update (`sum_expert_load`), so every rank
+  keeps the same biases and reports the global load.
+
+Deliberately left out, and refused with the key to change: tensor and expert parallelism in the trainer
+(policy_update.py clips with torch.nn.utils.clip_grad_norm_, which fails on parameters spread over
+several meshes, or mixing DTensors and plain tensors, as TP and EP leave them) and pipeline parallelism
+(the loss path runs the whole model on every rank). Also left out: overlapping one step's rollouts with
+the previous step's training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+
+from r1mega.models.balance import moe_layers
+from r1mega.parallel import ParallelDims, init_distributed, parallelize
+from r1mega.parallel.fsdp import sum_gradients
+from r1mega.rewards import ScoreResult
+from r1mega.trainers.rollout_batch import RolloutBatch
+from r1mega.trainers.sharded_batch import ShardedRolloutBatch
+
+# update_policy's statistics that are not share-weighted sums over micro-batches
+_GLOBAL_STATS = ("train/grad_norm", "train/nan_steps")
+
+
+def _refuse_unsupported(parallel) -> None:
+    for key in ("tp", "ep", "pp"):
+        if getattr(parallel, key) != 1:
+            raise ValueError(f"parallel.{key}={getattr(parallel, key)}: GRPO training supports data parallelism "
+                             f"(parallel.dp_shard, parallel.dp_replicate) only; set parallel.{key}=1")
+
+
+class DataParallel:
+    def __init__(self, dims: ParallelDims | None = None, device: torch.device | None = None, parallel_cfg=None):
+        self.dims, self.device, self.parallel_cfg = dims, device, parallel_cfg
+        self.size = dims.dp_size if dims is not None else 1
+        self.rank = dims.rank("dp") if dims is not None else 0
+        self.group = dims.mesh("dp").get_group() if dims is not None else None
+        self.is_main = dims is None or dist.get_rank() == 0
+
+    @classmethod
+    def launch(cls, cfg, device: torch.device) -> tuple["DataParallel", torch.device]:
+        """From the environment torchrun sets: (the data-parallel group, this rank's device)."""
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            return cls(), device
+        _refuse_unsupported(cfg.parallel)
+        _, world, device = init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
+        dims = ParallelDims.from_config(cfg.parallel, world)
+        dims.build_mesh(device.type)
+        algo = cfg.algo
+        if algo.questions_per_step % dims.dp_size:
+            raise ValueError(f"algo.questions_per_step={algo.questions_per_step} must be a multiple of the "
+                             f"data-parallel degree {dims.dp_size}: every rank generates the same share")
+        sequences = algo.questions_per_step * algo.group_size
+        if sequences % (algo.mini_batches * dims.dp_size):
+            raise ValueError(f"algo.questions_per_step * algo.group_size = {sequences} must be a multiple of "
+                             f"algo.mini_batches * data-parallel degree = {algo.mini_batches} * {dims.dp_size}: "
+                             "every rank runs the same number of micro-batches of each mini-batch")
+        return cls(dims, device, cfg.parallel), device
+
+    # ---- setup
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (it may fill a cache: the base model, the tokenizer), then the others."""
+        if self.dims is not None and not self.is_main:
+            dist.barrier()
+        yield
+        if self.dims is not None and self.is_main:
+            dist.barrier()
+
+    def parallelize(self, model):
+        """FSDP2 over the data-parallel ranks, gradients summed. The root's parameters (embedding, final
+        norm, output head) stay gathered after a forward: the loss reads `output_weight` after it."""
+        if self.dims is None:
+            return model
+        return sum_gradients(parallelize(model, self.dims, self.parallel_cfg))
+
+    # ---- rollouts
+    def local(self, rows: Sequence) -> Sequence:
+        """This rank's contiguous share of `rows` (the shares, in rank order, are `rows`)."""
+        n = len(rows)
+        return rows[self.rank * n // self.size:(self.rank + 1) * n // self.size]
+
+    def gather(self, samples: list, scores: ScoreResult) -> tuple[list, ScoreResult]:
+        """Every rank's samples and scores, joined in rank order."""
+        if self.size == 1:
+            return samples, scores
+        parts: list = [None] * self.size
+        dist.all_gather_object(parts, (samples, scores), group=self.group)
+        return [s for part, _ in parts for s in part], ScoreResult.concat([score for _, score in parts])
+
+    def shard(self, batch: RolloutBatch) -> RolloutBatch:
+        if self.size == 1:
+            return batch
+        fields = {name: getattr(batch, name) for name in RolloutBatch.__dataclass_fields__}
+        return ShardedRolloutBatch(**fields, dp_rank=self.rank, dp_size=self.size)
+
+    # ---- reductions
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over data-parallel ranks (on the communication device, returned where it was)."""
+        if self.size == 1:
+            return tensor
+        out = tensor.to(self.device)
+        dist.all_reduce(out, group=self.group)
+        return out.to(tensor.device)
+
+    def sum_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """update_policy's statistics over the global batch: its share-weighted sums added over ranks."""
+        keys = sorted(k for k in stats if k not in _GLOBAL_STATS)
+        totals = self.sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64))
+        return {**stats, **dict(zip(keys, totals.tolist()))}
+
+    def sum_expert_load(self, model) -> None:
+        """Sums each MoE layer's load since the last bias update over ranks (every rank ran the
+        same number of training forwards, so every rank has a load to add, or none)."""
+        if self.size == 1:
+            return
+        for _, moe in moe_layers(model):
+            if moe.load_since_update is not None:
+                load = moe.load_since_update.clone()  # it may alias last_expert_load, this rank's own
+                dist.all_reduce(load, group=self.group)
+                moe.load_since_update = load
