@@ -26,6 +26,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from datetime import timedelta
 
 import torch
@@ -101,10 +102,21 @@ def _exit_with(rank: int, message: str) -> None:
 
 
 def _excepthook(exc_type, exc, tb) -> None:
-    sys.__excepthook__(exc_type, exc, tb)
-    wd = _watchdog
-    if wd is None or exc_type is KeyboardInterrupt:
+    if _watchdog is None or exc_type is KeyboardInterrupt:
+        sys.__excepthook__(exc_type, exc, tb)
         sys.exit(1)
+    fail(exc)
+
+
+def fail(exc: BaseException) -> None:
+    """Ends this rank over `exc` as an uncaught exception does (module docstring): prints it, records the
+    failure for every rank and exits 1. For code that catches exceptions before the hook would see them
+    (Hydra's main turns them into sys.exit, after which peers would wait in a collective until timeout).
+    Returns at once when no process group was started here."""
+    wd = _watchdog
+    if wd is None:
+        return
+    traceback.print_exception(exc)
     try:
         # A collective error is usually a peer's death seen early: give the watchdog time to name it.
         deadline = time.monotonic() + wd.dead_after_s + 2 * wd.heartbeat_s
@@ -113,7 +125,7 @@ def _excepthook(exc_type, exc, tb) -> None:
             time.sleep(wd.heartbeat_s / 2)
             message = wd.failure()
         if message is None:
-            message = wd.record(f"rank {wd.rank} raised {exc_type.__name__}: {exc}")
+            message = wd.record(f"rank {wd.rank} raised {type(exc).__name__}: {exc}")
     except Exception as store_exc:  # noqa: BLE001 - the store is gone with its host
         message = _STORE_LOST.format(store_exc)
     _exit_with(wd.rank, message)

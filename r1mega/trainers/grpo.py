@@ -24,7 +24,8 @@ import torch
 from r1mega.config import Config
 from r1mega.models.balance import expert_load_stats, update_expert_bias
 from r1mega.ops.group_advantages import group_advantages
-from r1mega.parallel import dist_checkpoint, gathered_state_dict, shutdown
+from r1mega.parallel import dist_checkpoint, gathered_state_dict
+from r1mega.parallel.launch import fail, shutdown
 from r1mega.rewards import ScoringPool
 from r1mega.rollout.engine import SamplingParams
 from r1mega.trainers import checkpoint
@@ -229,10 +230,14 @@ def _describe(progress, metrics: dict[str, float]) -> None:
 
 
 def train(cfg: Config) -> dict[str, float]:
-    trainer = GRPOTrainer(cfg)
     try:
-        final = trainer.fit()
-    finally:
-        trainer.scorer.close()
-    shutdown()  # after success only: when a rank fails, the watchdog of r1mega.parallel.launch ends the others
+        trainer = GRPOTrainer(cfg)
+        try:
+            final = trainer.fit()
+        finally:
+            trainer.scorer.close()
+    except Exception as exc:
+        fail(exc)  # under torchrun: every rank stops, this one named (r1mega.parallel.launch); else no-op
+        raise
+    shutdown()
     return final
