@@ -23,6 +23,8 @@ class ModelConfig:
     # "base" pretrains (once, then cached) the tiny preset on synthetic demonstrations before RL.
     init: str = "base"
     dtype: str = "float32"
+    # "native" (r1mega's Transformer) or "megatron" (megatron-core GPTModel; GPU, one process).
+    backend: str = "native"
     # Sequences per pretraining step and steps, for init=base.
     base_steps: int = 600
     base_batch_size: int = 32

@@ -6,7 +6,8 @@ names are exactly the mapping's.
 megatron-core allocates on `torch.cuda.current_device()`; this helper (never the package) points that
 at the CPU and skips megatron's CUDA-RNG weight init (weights are loaded anyway). It runs in its own
 process because it initialises torch.distributed (gloo, world of one) and megatron's parallel state.
-Usage: python tests/megatron_cpu_parity.py PORT NAME... (NAME: a config; policy:NAME runs `run_policy`)
+Usage: python tests/megatron_cpu_parity.py PORT NAME...
+(NAME: a config of CONFIGS; policy:NAME runs `run_policy`; trainer:PRESET runs `run_trainer`)
 """
 
 import json
@@ -142,6 +143,24 @@ def run_policy(name: str) -> dict:
                 bias_moved=any("expert_bias" in k and t.abs().max() > 0.1 + 1e-3 for k, t in want.items()))
 
 
+def run_trainer(preset: str) -> dict:
+    """Three GRPO steps of the trainer with model.backend=megatron and with the native backend, from
+    the same random model and prompts: per-step metrics of both. megatron's model is built by `build`
+    (on the CPU) in place of `build_model` (GPU only)."""
+    from grpo_runs import grpo_steps
+
+    from r1mega.backends.megatron import model as megatron_model
+
+    megatron_model.build_model = lambda cfg, parallel, dtype: build(cfg).train()
+    keys = ("reward/mean", "response_length/mean", "train/loss", "train/grad_norm", "train/kl",
+            "rollout/logprob_mismatch", "moe/max_over_mean_load")
+    rows = {}
+    for backend in ("native", "megatron"):
+        steps, policy_type = grpo_steps(f"model.preset={preset}", f"model.backend={backend}")
+        rows[backend] = [{k: row.get(k) for k in keys} for row in steps]
+    return dict(name=preset, mode="trainer", policy_type=policy_type.__name__, **rows)
+
+
 def main() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
@@ -151,7 +170,8 @@ def main() -> None:
     compat.apply()
     for name in sys.argv[2:]:
         mode, _, name = name.rpartition(":")
-        print(json.dumps(run_policy(name) if mode == "policy" else run(name)), flush=True)
+        runner = {"policy": run_policy, "trainer": run_trainer}.get(mode, run)
+        print(json.dumps(runner(name)), flush=True)
 
 
 if __name__ == "__main__":

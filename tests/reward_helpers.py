@@ -1,4 +1,5 @@
-"""Rewards that misbehave, for the scoring-pool tests (the pool's workers import this module by name)."""
+"""Rewards for tests: ones that misbehave, for the scoring-pool tests (the pool's workers import this
+module by name), and an easy one a random tiny model can climb, for the trainer tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import os
 import time
 
 from r1mega.rewards import RewardOutput, register_reward
+
+
+@register_reward("test_digit_share")
+def digit_share(completion, sample):
+    """The share of the completion's characters that are digits."""
+    return RewardOutput(sum(c.isdigit() for c in completion) / max(1, len(completion)))
 
 
 @register_reward("test_length")

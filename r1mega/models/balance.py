@@ -14,6 +14,8 @@ loss of the paper.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -28,26 +30,29 @@ def _load(moe: MoE) -> torch.Tensor | None:
     return moe.load_since_update if moe.load_since_update is not None else moe.last_expert_load
 
 
+def bias_step(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
+    """b_e <- b_e - rate * sign(load_e - mean(load)), in place."""
+    load = load.float()
+    bias -= rate * torch.sign(load - load.mean()).to(device=bias.device, dtype=bias.dtype)
+
+
 @torch.no_grad()
 def update_expert_bias(model: nn.Module, rate: float) -> None:
     """One balancing step for every MoE layer with a selection bias; resets the accumulated loads."""
     for _, moe in moe_layers(model):
         load = _load(moe)
         if moe.router.expert_bias is not None and load is not None:
-            load = load.float()
-            bias = moe.router.expert_bias
-            bias -= rate * torch.sign(load - load.mean()).to(device=bias.device, dtype=bias.dtype)
+            bias_step(moe.router.expert_bias, load, rate)
         moe.load_since_update = None
 
 
 @torch.no_grad()
-def expert_load_stats(model: nn.Module) -> dict[str, float]:
-    """Per MoE layer, max/mean expert load (1.0 is perfect balance) over the loads counted so far,
-    plus the mean over layers; empty when no MoE layer has run."""
+def load_stats(loads: Iterable[tuple[str, torch.Tensor | None]]) -> dict[str, float]:
+    """Per (layer name, tokens per expert), max/mean expert load (1.0 is perfect balance) and unused
+    experts, plus the mean ratio over layers; layers with no load counted are skipped."""
     stats: dict[str, float] = {}
     ratios = []
-    for name, moe in moe_layers(model):
-        load = _load(moe)
+    for name, load in loads:
         if load is None or load.sum() == 0:
             continue
         load = load.float()
@@ -58,3 +63,8 @@ def expert_load_stats(model: nn.Module) -> dict[str, float]:
     if ratios:
         stats["moe/max_over_mean_load"] = sum(ratios) / len(ratios)
     return stats
+
+
+def expert_load_stats(model: nn.Module) -> dict[str, float]:
+    """`load_stats` of every MoE layer over the loads counted so far; empty when none has run."""
+    return load_stats((name, _load(moe)) for name, moe in moe_layers(model))

@@ -22,9 +22,8 @@ import time
 import torch
 
 from r1mega.config import Config
-from r1mega.models.balance import expert_load_stats, update_expert_bias
 from r1mega.ops.group_advantages import group_advantages
-from r1mega.parallel import dist_checkpoint, gathered_state_dict
+from r1mega.parallel import dist_checkpoint
 from r1mega.parallel.launch import fail, shutdown
 from r1mega.rewards import ScoringPool
 from r1mega.rollout.engine import SamplingParams
@@ -36,6 +35,7 @@ from r1mega.trainers.data_parallel import DataParallel
 from r1mega.trainers.evaluate import eval_metrics, generate_and_score, rollout_metrics
 from r1mega.trainers.metrics import MetricsLogger
 from r1mega.trainers.plots import plot_metrics
+from r1mega.trainers.policy_model import engine_weights, expert_load_stats, trainable, update_expert_bias
 from r1mega.trainers.policy_update import is_on_policy, sequence_logprobs, update_policy
 from r1mega.trainers.prompts import PromptStream
 from r1mega.trainers.rollout_batch import RolloutBatch
@@ -58,7 +58,7 @@ class GRPOTrainer:
         # The engine copies the full weights before the policy is sharded.
         self.engine = build_engine(cfg.rollout, policy, self.tokenizer,
                                    longest_sequence(cfg, train_rows, self.tokenizer), self.device)
-        self.policy = self.dp.parallelize(policy)
+        self.policy = trainable(cfg.model, policy, self.dp)
         self.scorer = ScoringPool(list(cfg.reward.components.items()), cfg.reward.num_workers, cfg.reward.timeout)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
                                            weight_decay=algo.weight_decay)
@@ -113,7 +113,7 @@ class GRPOTrainer:
         expert_stats = expert_load_stats(self.policy)  # the load the bias update acts on
         update_expert_bias(self.policy, algo.expert_bias_rate)
         started = time.perf_counter()
-        self.engine.update_weights(gathered_state_dict(self.policy), version=step + 1)  # collective
+        self.engine.update_weights(engine_weights(self.policy), version=step + 1)  # collective
         self.engine.resume_memory()
         timings["time/weight_sync"] = time.perf_counter() - started
         generated = float(batch.mask.sum())
@@ -209,7 +209,7 @@ class GRPOTrainer:
         self.shuffle.setstate(state["shuffle"])
         self.nan_streak = state["nan_streak"]
         torch.set_rng_state(state["torch_rng"])
-        self.engine.update_weights(gathered_state_dict(self.policy), version=state["engine_version"])
+        self.engine.update_weights(engine_weights(self.policy), version=state["engine_version"])
         self.step = state["step"]
         if self.dp.is_main:
             print(f"resumed from {path} at step {self.step}")

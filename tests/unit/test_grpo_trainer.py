@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from r1mega.cli.train import CONF_DIR
 from r1mega.config import register_configs
-from r1mega.rewards import RewardOutput, register_reward
+import reward_helpers  # noqa: F401  (registers test_digit_share)
 from r1mega.ops.group_advantages import group_advantages
 from r1mega.trainers.grpo import GRPOTrainer
 from r1mega.trainers.policy_update import sequence_logprobs, update_policy
@@ -33,12 +33,6 @@ def make_config(tmp_path, *overrides):
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose("config", overrides=[*FAST, f"train.out_dir={tmp_path}", *overrides])
     return OmegaConf.to_object(cfg)
-
-
-@register_reward("test_digit_share")
-def digit_share(completion, sample):
-    """An easy reward a random model can climb: the share of its characters that are digits."""
-    return RewardOutput(sum(c.isdigit() for c in completion) / max(1, len(completion)))
 
 
 def test_first_step_is_on_policy(tmp_path):

@@ -9,9 +9,9 @@ What the GRPO trainer asks of its policy, and how each is answered here:
 - `config` (the r1mega ModelConfig), `parameters()`, `state_dict()` (megatron names) for the
   optimizer and checkpoints;
 - `engine_weights()`: native (name, tensor) pairs for the rollout engine's `update_weights`;
-- `update_expert_bias(rate)`: the aux-loss-free balancing step with the token counts megatron's
-  routers keep (`local_tokens_per_expert`, padding taken back out), by the same sign rule as
-  r1mega.models.balance.
+- `expert_load_stats()` and `update_expert_bias(rate)`: the load metrics and the aux-loss-free
+  balancing step of r1mega.models.balance, on the token counts megatron's routers keep
+  (`local_tokens_per_expert`, padding taken back out).
 
 Deliberately left out: tensor-parallel weight export (native_weights gathers nothing yet) and the
 KV-cache path (rollouts run in the engine, never through this model).
@@ -26,6 +26,7 @@ from torch import nn
 
 from r1mega.backends.megatron.loss import hidden_states, output_weight
 from r1mega.backends.megatron.model import native_weights
+from r1mega.models.balance import bias_step, load_stats
 from r1mega.models.config import ModelConfig
 
 
@@ -83,7 +84,7 @@ class MegatronPolicy(nn.Module):
                 with torch.no_grad():
                     router.local_tokens_per_expert -= outputs[1][flat].sum(dim=0)
 
-        hooks = [router.register_forward_hook(subtract) for router in self.routers()]
+        hooks = [router.register_forward_hook(subtract) for _, router in self.routers()]
         try:
             yield
         finally:
@@ -93,15 +94,17 @@ class MegatronPolicy(nn.Module):
     def engine_weights(self):
         return native_weights(self.model, self.config)
 
+    def expert_load_stats(self) -> dict[str, float]:
+        return load_stats((name, router.local_tokens_per_expert) for name, router in self.routers())
+
     @torch.no_grad()
     def update_expert_bias(self, rate: float) -> None:
-        for router in self.routers():
-            load = router.local_tokens_per_expert.float()
-            if load.sum() > 0:
-                router.expert_bias -= rate * torch.sign(load - load.mean()).to(router.expert_bias.dtype)
+        for _, router in self.routers():
+            if router.local_tokens_per_expert.sum() > 0:
+                bias_step(router.expert_bias, router.local_tokens_per_expert, rate)
             router.local_tokens_per_expert.zero_()
 
-    def routers(self) -> list[nn.Module]:
-        """The MoE routers that keep an expert bias."""
-        return [m for m in self.model.modules()
+    def routers(self) -> list[tuple[str, nn.Module]]:
+        """(name, router) of the MoE routers that keep an expert bias."""
+        return [(name, m) for name, m in self.model.named_modules()
                 if getattr(m, "expert_bias", None) is not None and hasattr(m, "local_tokens_per_expert")]
