@@ -2,8 +2,10 @@
 
 `check_step` runs on every rank: it builds the model twice from one seed (a plain reference and a
 copy it parallelizes), feeds the reference the whole batch and the parallel copy its data-parallel
-share, and checks that the loss, every parameter's gradient and every parameter after one SGD step
-agree within `tol` (fp32). Gradients of sharded parameters are compared as full tensors.
+share, and checks that the loss, every parameter's gradient, the gradient norm and the gradients
+clipped by r1mega.parallel.grad_clip (against torch.nn.utils.clip_grad_norm_ in one process), and
+every parameter after one SGD step agree within `tol` (fp32). Gradients of sharded parameters are
+compared as full tensors.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from r1mega.models.config import ModelConfig, tiny_deepseek_v3
 from r1mega.models.transformer import Transformer
 from r1mega.parallel import ParallelDims, parallelize
+from r1mega.parallel.grad_clip import clip_grad_norm
 
 VOCAB = 64
 
@@ -76,6 +79,12 @@ def check_step(rank: int, world: int, kind: str, dims_kw: dict, ac: str = "none"
     assert names == [n for n, _ in ref.named_parameters()], "parallelize renamed parameters"
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(full(p.grad), q.grad, atol=tol, rtol=0, msg=lambda m: f"grad {name}: {m}")
+
+    max_norm = 0.5 * float(torch.nn.utils.get_total_norm([q.grad for q in ref.parameters()]))  # clipping acts
+    norm = clip_grad_norm(model.parameters(), max_norm)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm), atol=tol, rtol=0)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(full(p.grad), q.grad, atol=tol, rtol=0, msg=lambda m: f"clipped grad {name}: {m}")
 
     for m in (model, ref):
         torch.optim.SGD(m.parameters(), lr=0.5).step()
