@@ -9,6 +9,7 @@ plain copy of the same bytes, and one long generation's time and peak memory, al
   temperature 1 with no stop condition (every sequence has the same length, so continuous batching
   gains nothing here: this measures the decode loop itself). transformers runs `generate` with
   do_sample=True, top_k=0, min_new_tokens=output on the same weights (saved with r1mega.models.hf).
+  The two alternate `--throughput-repeat` times; each side's fastest run counts.
 - Weight swap: `update_weights` with a full native state_dict of another model, against a loop of
   `copy_` between the same tensors; medians of `repeat` runs.
 - Long generation: one sequence of `long_tokens` new tokens in an engine sized for it (one slot); time
@@ -66,20 +67,15 @@ def long_generation(model, tokens: int, device) -> dict:
             "kv_cache_bytes": KVCache.bytes_per_token(model.config) * engine.max_len}
 
 
-def throughput(model, batch: int, prompt: int, output: int, device) -> dict:
+def throughput(model, batch: int, prompt: int, output: int, device, repeat: int) -> dict:
+    """Native engine and transformers `generate` on the same prompts, alternated `repeat` times; the
+    fastest run of each, so that a burst of load from other jobs does not decide the ratio."""
     import transformers
 
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
     engine = NativeEngine(model, max_slots=batch, max_len=prompt + output, device=device)
     params = SamplingParams(temperature=1.0, max_new_tokens=output, seed=0)
     engine.generate(prompts[:2].tolist(), SamplingParams(max_new_tokens=4))  # warm-up
-    started = time.perf_counter()
-    out = engine.generate(prompts.tolist(), params)
-    _sync(device)
-    native_s = time.perf_counter() - started
-    native_tokens = sum(len(g[0].token_ids) for g in out)
-    del engine
-
     with tempfile.TemporaryDirectory() as tmp:
         hf.save(model, tmp, overwrite=True)
         ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()
@@ -87,15 +83,30 @@ def throughput(model, batch: int, prompt: int, output: int, device) -> dict:
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
     with torch.no_grad():
         ref.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=4, **kw)  # warm-up
-        started = time.perf_counter()
-        hf_out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output, min_new_tokens=output, **kw)
-        _sync(device)
-    hf_s = time.perf_counter() - started
-    hf_tokens = (hf_out.shape[1] - prompt) * batch
-    return {"batch": batch, "prompt": prompt, "output": output,
+
+    def native():
+        out = engine.generate(prompts.tolist(), params)
+        return sum(len(g[0].token_ids) for g in out)
+
+    def transformers_generate():
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output,
+                               min_new_tokens=output, **kw)
+        return (out.shape[1] - prompt) * batch
+
+    runs = {"native": [], "transformers": []}
+    for _ in range(repeat):
+        for label, fn in (("native", native), ("transformers", transformers_generate)):
+            started = time.perf_counter()
+            tokens = fn()
+            _sync(device)
+            runs[label].append((time.perf_counter() - started, tokens))
+    (native_s, native_tokens), (hf_s, hf_tokens) = min(runs["native"]), min(runs["transformers"])
+    return {"batch": batch, "prompt": prompt, "output": output, "repeat": repeat,
             "native_tokens_per_s": native_tokens / native_s, "native_seconds": native_s,
             "transformers_tokens_per_s": hf_tokens / hf_s, "transformers_seconds": hf_s,
-            "speedup": (native_tokens / native_s) / (hf_tokens / hf_s)}
+            "speedup": (native_tokens / native_s) / (hf_tokens / hf_s),
+            "all_seconds": {k: [round(t, 3) for t, _ in v] for k, v in runs.items()}}
 
 
 def weight_swap(model, device, repeat: int) -> dict:
@@ -136,7 +147,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int)
     parser.add_argument("--output", type=int)
     parser.add_argument("--long-tokens", type=int, help="new tokens of the long generation (0: skip)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="weight swaps timed (median)")
+    parser.add_argument("--throughput-repeat", type=int, default=2, help="alternated generation runs (fastest)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="rollout_benchmark.json", help="where to save the results")
@@ -155,7 +167,7 @@ def main() -> None:
     if long_tokens:
         results["long_generation"] = long_generation(model, long_tokens, device)
         print("long generation:", json.dumps(results["long_generation"]), flush=True)
-    results["throughput"] = throughput(model, batch, prompt, output, device)
+    results["throughput"] = throughput(model, batch, prompt, output, device, args.throughput_repeat)
     print("throughput:", json.dumps(results["throughput"]), flush=True)
     results["weight_swap"] = weight_swap(model, device, args.repeat)
     print("weight swap:", json.dumps(results["weight_swap"]), flush=True)
