@@ -132,6 +132,16 @@ class _LocalParams:
             self.module.__dict__.pop(name, None)
 
 
+def _keep_in_graph(y: torch.Tensor, rows: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """y [0, H] made to depend on the (empty) rows and on the module's local parameters, with zero
+    gradients. A rank whose experts receive no rows must still take part in the backward: in the
+    all_to_all exchanges its peers run (the graph must reach dispatch through combine) and in FSDP's
+    gradient reduction of the experts, run when their gradients are ready, in the same order on every
+    rank. The model's experts skip an expert without rows, so without this nothing would reach either."""
+    params = [getattr(module, name) for name, _ in module.named_parameters(recurse=False)]  # local shards
+    return y + rows + 0 * sum(p.sum() for p in params)
+
+
 class ExpertParallel(ParallelStyle):
     """For a routed-experts module `forward(x_sorted, tokens_per_expert)` whose parameters are stacked
     over experts in dim 0. `tp_mesh`: the tensor-parallel mesh when ep spans tp (replicated tokens)."""
@@ -161,6 +171,8 @@ class ExpertParallel(ParallelStyle):
             rows, counts, state = dispatch(x_sorted, tokens_per_expert, ep_group)
             with _LocalParams(module):
                 y = local_forward(rows, counts, *args, **kwargs)
+                if rows.shape[0] == 0:
+                    y = _keep_in_graph(y, rows, module)
             y = combine(y, state)
             if tp_group is not None:
                 y = _GatherRows.apply(y, sizes, t, tp_group)

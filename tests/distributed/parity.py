@@ -52,7 +52,10 @@ def loss_of(model, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
 
 
-def check_step(rank: int, world: int, kind: str, dims_kw: dict, ac: str = "none", tol: float = 1e-5) -> None:
+def check_step(rank: int, world: int, kind: str, dims_kw: dict, ac: str = "none", tol: float = 1e-5,
+               first_half_only: bool = False) -> None:
+    """`first_half_only`: the selection bias routes every token to the first half of the experts, so
+    that under ep=2 the second rank's experts receive no rows."""
     dims = ParallelDims(world, **dims_kw)
     dims.build_mesh("cpu")
     cfg = tiny_config(kind)
@@ -62,6 +65,8 @@ def check_step(rank: int, world: int, kind: str, dims_kw: dict, ac: str = "none"
         for block in ref.layers:
             if hasattr(block.ffn, "router"):
                 block.ffn.router.expert_bias.normal_(std=0.01)
+                if first_half_only:
+                    block.ffn.router.expert_bias[cfg.n_routed_experts // 2:] -= 100.0
     model = copy.deepcopy(ref)
     parallelize(model, dims, SimpleNamespace(activation_checkpointing=ac))
 
