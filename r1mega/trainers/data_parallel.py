@@ -15,10 +15,10 @@ group and every method below returns its input. One step:
   elsewhere). policy_update.py weights each micro-batch's loss by its share of the global mini-batch's
   sequences or tokens, so the ranks' losses add up to the global loss: FSDP is set to sum gradients
   over ranks (parallel.fsdp.sum_gradients) instead of averaging them.
-- statistics: those of the loss are share-weighted sums, so they are summed over ranks; the gradient
-  norm is already global (clipping runs on the sharded DTensor gradients). A step is skipped when the
-  loss or that norm is not finite; policy_update.py reads the rank's own loss, but a non-finite loss
-  brings non-finite gradients, hence a non-finite global norm, so the ranks skip together.
+- statistics: the loss and the token means are share-weighted sums, so they are summed over ranks;
+  the ratio's extremes are min- and max-reduced; the gradient norm is already global
+  (r1mega.parallel.grad_clip reduces it over every mesh), and the ranks agree on skipping a step
+  (policy_update.py).
 - MoE: expert loads are summed over ranks before the bias update (`sum_expert_load`), so every rank
   keeps the same biases and reports the global load.
 
@@ -42,11 +42,13 @@ from r1mega.models.balance import moe_layers
 from r1mega.parallel import ParallelDims, init_distributed, parallelize
 from r1mega.parallel.fsdp import sum_gradients
 from r1mega.rewards import ScoreResult
+from r1mega.trainers.policy_update import EXTREMES
 from r1mega.trainers.rollout_batch import RolloutBatch
 from r1mega.trainers.sharded_batch import ShardedRolloutBatch
 
-# update_policy's statistics that are not share-weighted sums over micro-batches
+# update_policy's statistics that are the same on every rank already
 _GLOBAL_STATS = ("train/grad_norm", "train/nan_steps")
+_EXTREME_OPS = {min: dist.ReduceOp.MIN, max: dist.ReduceOp.MAX}
 
 
 def _refuse_unsupported(parallel) -> None:
@@ -123,18 +125,27 @@ class DataParallel:
 
     # ---- reductions
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` summed over data-parallel ranks (on the communication device, returned where it was)."""
+        """`tensor` summed over data-parallel ranks."""
+        return self._reduce(tensor, dist.ReduceOp.SUM)
+
+    def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
+        """`tensor` reduced by `op` over data-parallel ranks (on the communication device, returned where it was)."""
         if self.size == 1:
             return tensor
         out = tensor.to(self.device)
-        dist.all_reduce(out, group=self.group)
+        dist.all_reduce(out, op=op, group=self.group)
         return out.to(tensor.device)
 
     def sum_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        """update_policy's statistics over the global batch: its share-weighted sums added over ranks."""
-        keys = sorted(k for k in stats if k not in _GLOBAL_STATS)
+        """update_policy's statistics over the global batch: its share-weighted sums added over ranks,
+        its extremes reduced by min or max."""
+        extremes = {f"train/{key}": _EXTREME_OPS[pick] for key, (pick, _) in EXTREMES.items()}
+        keys = sorted(k for k in stats if k not in _GLOBAL_STATS and k not in extremes)
         totals = self.sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64))
-        return {**stats, **dict(zip(keys, totals.tolist()))}
+        out = {**stats, **dict(zip(keys, totals.tolist()))}
+        for key, op in extremes.items():
+            out[key] = float(self._reduce(torch.tensor([stats[key]], dtype=torch.float64), op))
+        return out
 
     def sum_expert_load(self, model) -> None:
         """Sums each MoE layer's load since the last bias update over ranks (every rank ran the

@@ -10,7 +10,15 @@ one full forward per step, as TRL does in the same case.
 
 Micro-batch losses are weighted so that their sum equals the loss of the whole mini-batch under the
 configured aggregation: by the share of sequences (sequence-level means) or of valid tokens
-(token-mean), since the op normalises within the tensors it is given.
+(token-mean), since the op normalises within the tensors it is given. The op's other statistics are
+means over valid tokens (clip fraction, KL, ratio mean, entropy), weighted by the share of valid
+tokens whatever the aggregation, or extremes (ratio min and max), taken by min and max: so none of
+them depends on how the sequences were packed into micro-batches or dealt to data-parallel ranks.
+
+The gradient norm is clipped by r1mega.parallel.grad_clip (gradients may be DTensors on several
+meshes). A step whose loss or gradient norm is not finite is skipped, on every rank if on any: under
+torch.distributed the ranks agree by a min-reduced flag, since their sharded or replicated parameters
+must take the same steps.
 """
 
 from __future__ import annotations
@@ -19,10 +27,16 @@ import math
 import random
 
 import torch
+import torch.distributed as dist
 
 from r1mega.ops.linear_grpo_loss import linear_grpo_loss
+from r1mega.parallel.grad_clip import clip_grad_norm
 from r1mega.trainers.rollout_batch import RolloutBatch
 from r1mega.trainers.token_batch import response_hidden, response_logprobs
+
+# linear_grpo_loss's statistics that are extremes over valid tokens: (how two combine, the value of no
+# token). The others are means over valid tokens.
+EXTREMES = {"ratio_min": (min, math.inf), "ratio_max": (max, -math.inf)}
 
 
 @torch.no_grad()
@@ -42,6 +56,33 @@ def _share(micro: RolloutBatch, mini: RolloutBatch, agg: str) -> float:
     return float((micro.mask.sum(1) > 0).sum() / (mini.mask.sum(1) > 0).sum().clamp(min=1))
 
 
+def _finite_on_every_rank(loss: float, grad_norm: torch.Tensor, device) -> bool:
+    """False on every rank when the loss or the gradient norm is not finite on any (module docstring)."""
+    finite = torch.tensor(float(math.isfinite(loss) and bool(torch.isfinite(grad_norm))), device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def _no_tokens() -> dict[str, float]:
+    return {key: none for key, (_, none) in EXTREMES.items()}
+
+
+def _add(into: dict[str, float], stats: dict[str, float], weight: float = 1.0) -> None:
+    """Adds `stats`, weighted by `weight`, into the sums of `into`, or combines them with its extremes."""
+    for key, value in stats.items():
+        if key in EXTREMES:
+            into[key] = EXTREMES[key][0](into[key], value)
+        else:
+            into[key] = into.get(key, 0.0) + value * weight
+
+
+def _micro_stats(stats: dict[str, torch.Tensor], micro: RolloutBatch) -> dict[str, float]:
+    """The op's statistics of one micro-batch as floats; its extremes only when it has a valid token
+    (without one the op reports 0)."""
+    return {key: float(value) for key, value in stats.items() if key not in EXTREMES or micro.mask.any()}
+
+
 def is_on_policy(algo) -> bool:
     """True when one optimizer step consumes the whole rollout batch, so old logprobs = current ones."""
     return algo.mini_batches == 1 and algo.inner_epochs == 1 and not algo.kl_in_reward
@@ -52,14 +93,15 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
     """Inner epochs over shuffled mini-batches: forward, fused logprob + GRPO loss, backward, step.
 
     `batch.old_logp` None: on-policy (module docstring); filled from the loss pass on return.
-    Returns the mean of each statistic over optimizer steps, plus `nan_steps`: updates skipped
-    because the loss or the gradient norm was not finite.
+    Returns the mean of each statistic over optimizer steps, but `ratio_min` and `ratio_max` over all
+    their valid tokens (+inf and -inf without any, the identities a data-parallel min and max need),
+    plus `nan_steps`: updates skipped because the loss or the gradient norm was not finite.
     """
     on_policy = batch.old_logp is None
     if on_policy and not is_on_policy(algo):
         raise ValueError("a batch without old logprobs needs one mini-batch, one inner epoch and the KL in the loss")
     current_logp = torch.zeros_like(batch.mask)
-    totals: dict[str, float] = {}
+    totals = _no_tokens()  # sums of per-step statistics, extremes over all steps
     updates = nan_steps = 0
     beta = 0.0 if algo.kl_in_reward or batch.ref_logp is None else algo.beta
     for _ in range(algo.inner_epochs):
@@ -70,7 +112,7 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
             members = order[start:start + size]
             mini = batch.select(members)
             optimizer.zero_grad(set_to_none=True)
-            step_stats: dict[str, float] = {}
+            step_stats = {"loss": 0.0, **_no_tokens()}
             for index in mini.micro_batches(algo.token_budget):
                 micro = mini.select(index)
                 hidden = response_hidden(model, micro, device)
@@ -87,22 +129,20 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
                     current_logp[rows, torch.arange(logp.shape[1])[None]] = logp.float().cpu() * micro.mask
                 share = _share(micro, mini, algo.agg)
                 (loss * share).backward()
-                step_stats["loss"] = step_stats.get("loss", 0.0) + loss.item() * share
-                for key, value in stats.items():
-                    step_stats[key] = step_stats.get(key, 0.0) + float(value) * share
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), algo.grad_clip)
-            if not (math.isfinite(step_stats["loss"]) and torch.isfinite(grad_norm)):
+                step_stats["loss"] += loss.item() * share
+                _add(step_stats, _micro_stats(stats, micro), _share(micro, mini, "token-mean"))  # token means
+            grad_norm = clip_grad_norm(model.parameters(), algo.grad_clip)
+            if not _finite_on_every_rank(step_stats["loss"], grad_norm, device):
                 optimizer.zero_grad(set_to_none=True)
                 nan_steps += 1
                 continue
             optimizer.step()
             updates += 1
             step_stats["grad_norm"] = float(grad_norm)
-            for key, value in step_stats.items():
-                totals[key] = totals.get(key, 0.0) + value
+            _add(totals, step_stats)
     scheduler.step()
     if on_policy:
         batch.old_logp = current_logp
-    means = {f"train/{k}": v / max(1, updates) for k, v in totals.items()}
+    means = {f"train/{k}": v if k in EXTREMES else v / max(1, updates) for k, v in totals.items()}
     means["train/nan_steps"] = float(nan_steps)
     return means

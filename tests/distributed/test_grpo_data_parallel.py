@@ -3,8 +3,9 @@ stopped at a checkpoint resumes to the same metrics, under torchrun or in one pr
 
 Every run goes through `train(cfg)` as r1mega-train does (grpo_worker.py adds a reward a random model
 can earn); the 2-process runs are real torchrun launches, so the trainer starts the process group from
-torchrun's environment. Micro-batches hold one sequence each (token_budget=1): then one process and
-each rank run the same micro-batches, and every statistic is comparable, not only the loss.
+torchrun's environment. The token budget packs each mini-batch into one micro-batch in one process,
+and into one per rank under data parallelism: the statistics are weighted so as not to depend on that
+(policy_update.py).
 
 Tolerances. Rollouts, rewards, accuracy, lengths, expert loads and held-out metrics must be equal: the
 same questions sampled with per-sample seeds give the same tokens. The loss statistics and the gradient
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.distributed
 WORKER = str(Path(__file__).with_name("grpo_worker.py"))
 ROOT = str(Path(__file__).resolve().parents[2])
 ARGS = ["model.init=random", "data.train_size=64", "data.test_size=6", "algo.questions_per_step=4",
-        "algo.group_size=4", "algo.mini_batches=2", "algo.token_budget=1", "algo.lr=3e-3", "algo.beta=0.1",
+        "algo.group_size=4", "algo.mini_batches=2", "algo.lr=3e-3", "algo.beta=0.1",
         "rollout.max_new_tokens=[[0,8]]", "train.cpu_threads=1", "train.progress=false", "train.tensorboard=false",
         "train.eval_every=4", "train.save_every=2"]
 TIMING = ("time/", "throughput/", "reward/score_time_s")
