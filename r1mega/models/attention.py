@@ -1,8 +1,7 @@
 """Causal self-attention: grouped-query (Llama, Qwen2, Qwen3) and multi-head latent (DeepSeek-V3).
 
-Both projections end in `attend`, which has three paths, all through
-`torch.nn.functional.scaled_dot_product_attention` and none building a [T, T] mask on the training
-paths, so memory stays linear in T:
+Both projections end in `attend`, which has three paths; the two training paths go through
+`torch.nn.functional.scaled_dot_product_attention` and build no [T, T] mask, so memory stays linear in T:
 - plain: one causal SDPA call over the whole batch;
 - packed (`segment_ids`): one causal SDPA call per contiguous segment of each row, so attention
   stays within a segment;

@@ -16,9 +16,11 @@
   and stop strings (stop.py); every sample reports the log-probability of each token it drew.
 - A bad request (empty prompt, too long, invalid parameters) gets error samples; the others run.
 
-Deliberately left out: CUDA graphs / torch.compile of the decode step, prefix sharing across
-different prompts, speculative decoding, preemption (a sample keeps its slot until it finishes, so
-max_len must hold prompt + max_new_tokens).
+Deliberately left out: CUDA graphs / torch.compile of the decode step (on a CPU, torch.compile of the
+decode forward broke its graph at the MoE's per-expert loop, recompiled as lengths grew, and ran no
+faster than eager; CUDA graphs, with batch buckets and a fixed cache length, wait for a GPU to be
+measured on), prefix sharing across different prompts, speculative decoding, preemption (a sample
+keeps its slot until it finishes, so max_len must hold prompt + max_new_tokens).
 """
 
 from __future__ import annotations
