@@ -22,11 +22,16 @@ group and every method below returns its input. One step:
 - MoE: expert loads are summed over ranks before the bias update (`sum_expert_load`), so every rank
   keeps the same biases and reports the global load.
 
-Deliberately left out, and refused with the key to change: tensor and expert parallelism in the trainer
-(policy_update.py clips with torch.nn.utils.clip_grad_norm_, which fails on parameters spread over
-several meshes, or mixing DTensors and plain tensors, as TP and EP leave them) and pipeline parallelism
-(the loss path runs the whole model on every rank). Also left out: overlapping one step's rollouts with
-the previous step's training.
+Tensor and expert parallelism (parallel.tp, parallel.ep) apply too: `parallelize` splits the policy and
+the reference over the tp and ep meshes before FSDP shards them over the data-parallel one. The ranks of
+one tp group share a data-parallel rank: they draw, generate and train on the same samples (the
+engines hold full weights), and their statistics are the same. Expert parallelism borrows data-parallel
+ranks (and tp ranks): the ep group's tokens meet at the experts through all_to_all inside the forward.
+
+Deliberately left out, and refused with the key to change: pipeline parallelism (the loss path runs the
+whole model on every rank and reads the output head after the forward; a pipeline's last stage alone
+holds it, and its schedule runs forward and backward together). Also left out: overlapping one step's
+rollouts with the previous step's training.
 """
 
 from __future__ import annotations
@@ -52,10 +57,9 @@ _EXTREME_OPS = {min: dist.ReduceOp.MIN, max: dist.ReduceOp.MAX}
 
 
 def _refuse_unsupported(parallel) -> None:
-    for key in ("tp", "ep", "pp"):
-        if getattr(parallel, key) != 1:
-            raise ValueError(f"parallel.{key}={getattr(parallel, key)}: GRPO training supports data parallelism "
-                             f"(parallel.dp_shard, parallel.dp_replicate) only; set parallel.{key}=1")
+    if parallel.pp != 1:
+        raise ValueError(f"parallel.pp={parallel.pp}: GRPO training does not run pipeline parallel; set parallel.pp=1 "
+                         "(parallel.dp_shard, dp_replicate, tp and ep apply)")
 
 
 class DataParallel:
@@ -65,6 +69,12 @@ class DataParallel:
         self.rank = dims.rank("dp") if dims is not None else 0
         self.group = dims.mesh("dp").get_group() if dims is not None else None
         self.is_main = dims is None or dist.get_rank() == 0
+
+    @property
+    def distributed(self) -> bool:
+        """The policy is split over ranks (any torchrun launch, also tp > 1 with one data-parallel rank):
+        checkpoints are then distributed."""
+        return self.dims is not None
 
     @classmethod
     def launch(cls, cfg, device: torch.device) -> tuple["DataParallel", torch.device]:

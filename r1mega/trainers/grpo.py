@@ -169,7 +169,7 @@ class GRPOTrainer:
         return {**(self.logger.rows[-1] if self.logger.rows else {}), **initial}
 
     def save(self, next_step: int) -> None:
-        """One process: everything in state.pt. Data parallel: the policy with its optimizer and the
+        """One process: everything in state.pt. Under torchrun: the policy with its optimizer and the
         reference as distributed checkpoints (`policy/`, `reference/`: every rank writes its shards), the
         rest in state.pt; ranks draw from torch's generator in step, so rank 0's state stands for all."""
         state = {
@@ -177,11 +177,11 @@ class GRPOTrainer:
             "shuffle": self.shuffle.getstate(), "nan_streak": self.nan_streak, "torch_rng": torch.get_rng_state(),
             "engine_version": self.engine.version,
         }
-        if self.dp.size == 1:
+        if not self.dp.distributed:
             state.update(policy=self.policy.state_dict(), reference=self.reference.state_dict(),
                          optimizer=self.optimizer.state_dict())
         checkpoint.save(self.cfg.train.out_dir + "/checkpoints", next_step, state, keep=self.cfg.train.keep_checkpoints,
-                        shards=None if self.dp.size == 1 else self._save_shards)
+                        shards=self._save_shards if self.dp.distributed else None)
 
     def _save_shards(self, directory) -> None:
         dist_checkpoint.save(directory / "policy", self.policy, self.optimizer)
@@ -197,7 +197,7 @@ class GRPOTrainer:
         if (path / "policy").is_dir():  # distributed checkpoints: they load at any layout
             dist_checkpoint.load(path / "policy", self.policy, self.optimizer)
             dist_checkpoint.load(path / "reference", self.reference)
-        elif self.dp.size > 1:
+        elif self.dp.distributed:
             raise ValueError(f"{path} was saved by one process; resume it with one process (torchrun resumes "
                              "checkpoints saved under torchrun)")
         else:
