@@ -7,15 +7,10 @@ import sys
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import reward_helpers  # noqa: F401  (registers test_digit_share)
 from r1mega.cli.train import CONF_DIR
 from r1mega.config import register_configs
-from r1mega.rewards import RewardOutput, register_reward
 from r1mega.trainers.grpo import train
-
-
-@register_reward("test_digit_share")
-def digit_share(completion, sample):
-    return RewardOutput(sum(c.isdigit() for c in completion) / max(1, len(completion)))
 
 
 if __name__ == "__main__":

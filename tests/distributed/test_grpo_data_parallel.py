@@ -51,7 +51,7 @@ TIMING = ("time/", "throughput/", "reward/score_time_s")
 def _run(out_dir: Path, processes: int, *extra: str) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--max_restarts=0",
                  f"--master_port={free_port()}"] if processes > 1 else [sys.executable])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=f"{ROOT}:{ROOT}/tests")
     # A session of its own: a run that hangs is killed with torchrun's workers, not only torchrun.
     proc = subprocess.Popen([*launcher, WORKER, str(out_dir), *ARGS, *extra], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
