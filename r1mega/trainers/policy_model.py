@@ -29,7 +29,7 @@ def trainable(model_cfg, policy: nn.Module, dp) -> nn.Module:
     if model_cfg.backend == "native":
         return dp.parallelize(policy)
     if model_cfg.backend == "megatron":
-        if dp.size > 1:
+        if dp.distributed:
             raise ValueError("model.backend=megatron trains in one process (no megatron DDP yet); "
                              "launch without torchrun or use model.backend=native")
         from r1mega.backends import megatron

@@ -137,3 +137,11 @@ def test_cli_rejects_unknown_and_ill_typed_keys(tmp_path):
         assert result.returncode != 0
         assert name in result.stderr + result.stdout
         assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override,message", [("parallel.tp=2", "parallel.tp=2 needs as many processes"),
+                                              ("parallel.ep=2", "parallel.ep=2 needs as many processes"),
+                                              ("parallel.pp=2", "does not run pipeline parallel")])
+def test_parallel_settings_one_process_cannot_honour_are_refused(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        GRPOTrainer(make_config(tmp_path, override))
