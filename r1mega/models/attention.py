@@ -39,9 +39,10 @@ class AttnContext:
     spans: Optional[list[list[tuple[int, int]]]] = None  # packed path: per row, [start, end) of each segment
     cache: Optional[KVCache] = None
     slots: Optional[Slots] = None  # a slice of cache rows, or [B] row indices
+    rows: Optional[torch.Tensor] = None  # [B, T]: the slot of each position (KVCache.rows)
     positions: Optional[torch.Tensor] = None  # [B, T], cache path
     cache_len: int = 0  # keys read from each slot: max position + 1
-    visible: Optional[torch.Tensor] = None  # [B, T, cache_len]: a query at position p sees indices 0..p
+    hidden: Optional[torch.Tensor] = None  # [B, T, cache_len]: True past each query's position (stale or unwritten)
 
 
 def attend_cached(layer: int, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], scale: float,
@@ -52,14 +53,14 @@ def attend_cached(layer: int, q: torch.Tensor, k: torch.Tensor, v: Optional[torc
     Plain matmuls rather than SDPA: the cache's views go to matmul without a copy, each kv head serves
     its G = H / Hkv queries in one product, and the mask is the [B, T, L] one built once per forward.
     The scores are [B, H, T, L]: small for decode, T x L per head for a chunk of prefill."""
-    ctx.cache.write(layer, ctx.slots, ctx.positions, k, v)
+    ctx.cache.write(layer, ctx.rows, ctx.positions, k, v)
     keys, values = ctx.cache.read(layer, ctx.slots, ctx.cache_len)  # [B, Hkv, L, D]
     b, t, h, _ = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     g = h // kv_heads
     q = q.view(b, t, kv_heads, g, -1).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, -1)
     scores = torch.matmul(q, keys.to(q.dtype).transpose(-1, -2)).mul_(scale)  # [B, Hkv, G*T, L]
-    scores = scores.view(b, kv_heads, g, t, length).masked_fill_(~ctx.visible[:, None, None], float("-inf"))
+    scores = scores.view(b, kv_heads, g, t, length).masked_fill_(ctx.hidden[:, None, None], float("-inf"))
     probs = scores.view(b, kv_heads, g * t, length).softmax(dim=-1)
     out = torch.matmul(probs, values.to(q.dtype))  # [B, Hkv, G*T, Dv]
     return out.view(b, kv_heads, g, t, -1).permute(0, 3, 1, 2, 4).reshape(b, t, h, -1)

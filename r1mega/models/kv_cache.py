@@ -56,14 +56,18 @@ class KVCache:
         """Every tensor that owns cache memory (for clearing and copying slots)."""
         return self.keys if self.values_in_keys else [*self.keys, *self.values]
 
-    def write(self, layer: int, slots: Slots, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None):
-        """Stores k [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] (None when values_in_keys) of rows `slots` at
-        `positions` [B, T]."""
-        if int(positions.max()) >= self.max_len:
-            raise ValueError(f"position {int(positions.max())} is past the cache's max_len {self.max_len}")
+    def rows(self, slots: Slots, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """The slot [B, T] of each of `positions` [B, T] (what `write` indexes with; one per forward).
+        `length`: max position + 1, checked against max_len."""
+        if length > self.max_len:
+            raise ValueError(f"position {length - 1} is past the cache's max_len {self.max_len}")
         if isinstance(slots, slice):
             slots = torch.arange(slots.start, slots.stop, device=positions.device)
-        rows = slots[:, None].expand_as(positions)
+        return slots[:, None].expand_as(positions)
+
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None):
+        """Stores k [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] (None when values_in_keys) at `positions` [B, T]
+        of the slots `rows` [B, T] (from `rows`)."""
         self.keys[layer][rows, :, positions] = k.to(self.keys[layer].dtype)
         if not self.values_in_keys:
             self.values[layer][rows, :, positions] = v.to(self.values[layer].dtype)

@@ -110,8 +110,10 @@ class Transformer(nn.Module):
             if segment_ids is not None:
                 raise ValueError("Transformer.forward: segment_ids and a KV cache cannot be combined")
             cache_len = int(position_ids.max()) + 1
-            visible = torch.arange(cache_len, device=position_ids.device) <= position_ids[..., None]
-            ctx_kw = dict(cache=cache, slots=slots, positions=position_ids, cache_len=cache_len, visible=visible)
+            rows = cache.rows(slots, position_ids, cache_len)
+            hidden = torch.arange(cache_len, device=position_ids.device) > position_ids[..., None]
+            ctx_kw = dict(cache=cache, slots=slots, rows=rows, positions=position_ids, cache_len=cache_len,
+                          hidden=hidden)
         elif segment_ids is not None:
             ctx_kw = dict(spans=segment_spans(segment_ids))
             if position_ids is None:

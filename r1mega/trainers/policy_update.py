@@ -45,9 +45,13 @@ def sequence_logprobs(model, batch: RolloutBatch, *, temperature: float, token_b
     out = torch.zeros_like(batch.mask)
     for index in batch.micro_batches(token_budget):
         micro = batch.select(index)
-        logp = response_logprobs(model, micro, temperature=temperature, device=device)  # [s, r]
-        out[torch.tensor(index)[:, None], torch.arange(logp.shape[1])[None]] = logp.float().cpu()
+        _place(out, index, response_logprobs(model, micro, temperature=temperature, device=device))
     return out
+
+
+def _place(out: torch.Tensor, rows: list[int], logp: torch.Tensor) -> None:
+    """Writes a micro-batch's logprobs [s, r] into rows `rows` of the batch's [S, R] tensor."""
+    out[torch.tensor(rows)[:, None], torch.arange(logp.shape[1])[None]] = logp.float().cpu()
 
 
 def _share(micro: RolloutBatch, mini: RolloutBatch, agg: str) -> float:
@@ -125,8 +129,7 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
                     max_len=batch.response_ids.shape[1],  # one divisor for every micro-batch (token-sum-norm)
                     return_logp=True)
                 if on_policy:
-                    rows = torch.tensor([members[i] for i in index])[:, None]
-                    current_logp[rows, torch.arange(logp.shape[1])[None]] = logp.float().cpu() * micro.mask
+                    _place(current_logp, [members[i] for i in index], logp * micro.mask.to(logp.device))
                 share = _share(micro, mini, algo.agg)
                 (loss * share).backward()
                 step_stats["loss"] += loss.item() * share
