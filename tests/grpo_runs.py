@@ -8,7 +8,8 @@ import tempfile
 import reward_helpers  # noqa: F401  (registers test_digit_share)
 
 TINY = ["model.init=random", "data.train_size=64", "data.test_size=4", "algo.questions_per_step=2",
-        "algo.group_size=4", "algo.mini_batches=1", "algo.lr=1e-3", "algo.beta=0.01", "rollout.max_new_tokens=[[0,6]]",
+        "algo.group_size=4", "algo.mini_batches=1", "algo.lr=1e-3", "algo.beta=0.01", "algo.ref_reset_every=2",
+        "rollout.max_new_tokens=[[0,6]]",
         "train.progress=false", "train.tensorboard=false"]
 
 

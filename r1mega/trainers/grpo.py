@@ -35,7 +35,9 @@ from r1mega.trainers.data_parallel import DataParallel
 from r1mega.trainers.evaluate import eval_metrics, generate_and_score, rollout_metrics
 from r1mega.trainers.metrics import MetricsLogger
 from r1mega.trainers.plots import plot_metrics
-from r1mega.trainers.policy_model import engine_weights, expert_load_stats, trainable, update_expert_bias
+from r1mega.trainers.policy_model import (
+    engine_weights, expert_load_stats, native_state_dict, trainable, update_expert_bias,
+)
 from r1mega.trainers.policy_update import is_on_policy, sequence_logprobs, update_policy
 from r1mega.trainers.prompts import PromptStream
 from r1mega.trainers.rollout_batch import RolloutBatch
@@ -120,7 +122,7 @@ class GRPOTrainer:
         timings["throughput/rollout_tokens_per_s"] = generated / timings["time/rollout"]
         timings["throughput/train_tokens_per_s"] = (generated + sum(map(len, batch.prompt_ids))) / timings["time/train"]
         if (step + 1) % algo.ref_reset_every == 0:
-            self.reference.load_state_dict(self.policy.state_dict())
+            self.reference.load_state_dict(native_state_dict(self.policy))
         self._count_nan_steps(stats["train/nan_steps"])
         return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats,
                 **expert_stats, **timings, "lr": self.scheduler.get_last_lr()[0]}

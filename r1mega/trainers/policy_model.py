@@ -6,9 +6,10 @@ megatron-core GPTModel holding its weights (`model.backend=megatron`: `MegatronP
 one process; the reference model and the rollout engine keep native copies, so only the policy's
 forward, backward and optimizer step run in megatron).
 
-Beyond `nn.Module`, `output_weight` and the forward the loss ops use, the trainer needs three things
+Beyond `nn.Module`, `output_weight` and the forward the loss ops use, the trainer needs a few things
 of its policy; the functions below use a backend's method of the same name when it has one, the
-native model's otherwise, so the trainer never asks which backend it has.
+native model's otherwise, so the trainer never asks which backend it has; `native_state_dict` serves
+the reference reset.
 
 Deliberately left out: megatron under torchrun (it would need megatron's DDP or distributed
 optimizer in place of FSDP2).
@@ -49,6 +50,13 @@ def _world_of_one() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+
+
+def native_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's state under native names, sharded as the native model's own would be (for the
+    reference model, which stays native)."""
+    own = getattr(policy, "engine_weights", None)
+    return dict(own()) if own is not None else policy.state_dict()
 
 
 def engine_weights(policy: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
