@@ -17,9 +17,11 @@ optimizer in place of FSDP2).
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from r1mega.models import balance
@@ -42,10 +44,6 @@ def trainable(model_cfg, policy: nn.Module, dp) -> nn.Module:
 
 def _world_of_one() -> None:
     """megatron-core needs a process group even for one process."""
-    import os
-
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
