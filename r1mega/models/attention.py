@@ -4,7 +4,8 @@ Both projections end in `attend`, which has three paths; the two training paths 
 `torch.nn.functional.scaled_dot_product_attention` and build no [T, T] mask, so memory stays linear in T:
 - plain: one causal SDPA call over the whole batch;
 - packed (`segment_ids`): one causal SDPA call per contiguous segment of each row, so attention
-  stays within a segment;
+  stays within a segment; with shared prefixes (`SharedPrefixRow`), each sequence's queries, keys
+  and values are first gathered into a segment of its own and the outputs gathered back;
 - cache (`KVCache` + `slots`, `attend_cached`): this call's keys and values are written at their
   positions, then the queries attend over their slot's cache up to their own position (prefill and
   decode alike), with plain matmuls on the cache's views. MLA caches only its normed latent and rope
@@ -18,7 +19,7 @@ Deliberately left out: dropout, sliding windows, and a varlen kernel for the pac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from r1mega.models import rope
 from r1mega.models.kv_cache import KVCache, Slots
 from r1mega.models.norm import RMSNorm
+from r1mega.models.shared_prefix import SharedPrefixRow
 
 
 @dataclass
@@ -37,6 +39,7 @@ class AttnContext:
     cos: torch.Tensor  # [B, T, rope_dim/2]
     sin: torch.Tensor
     spans: Optional[list[list[tuple[int, int]]]] = None  # packed path: per row, [start, end) of each segment
+    shared: Optional[SharedPrefixRow] = None  # packed path with shared prefixes: one row, spans over its `expand`
     cache: Optional[KVCache] = None
     slots: Optional[Slots] = None  # a slice of cache rows, or [B] row indices
     rows: Optional[torch.Tensor] = None  # [B, T]: the slot of each position (KVCache.rows)
@@ -76,16 +79,20 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         # MLA has Dv < Dk: SDPA's flash kernel needs equal head dims and its fallback takes O(T^2)
         # memory, so v is padded with zeros and the padded output columns dropped.
         return attend(layer, q, k, F.pad(v, (0, q.shape[-1] - v_dim)), scale, ctx)[..., :v_dim]
+    if ctx.shared is not None:  # each sequence's tokens gathered into a segment of its own, and back
+        expand = ctx.shared.expand
+        out = attend(layer, q[:, expand], k[:, expand], v[:, expand], scale, replace(ctx, shared=None))
+        return out[:, ctx.shared.collect]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
     if ctx.spans is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
     rows = []
-    for b, spans in enumerate(ctx.spans):
+    for b, spans in enumerate(ctx.spans):  # spans cover the row, so split (one cat backward, not a slice each)
+        lengths = [e - s for s, e in spans]
         rows.append(torch.cat([
-            F.scaled_dot_product_attention(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
-                                           is_causal=True, scale=scale, enable_gqa=gqa)
-            for s, e in spans], dim=2))
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            for qs, ks, vs in zip(*(x[b:b + 1].split(lengths, dim=2) for x in (q, k, v)))], dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2)
 
 

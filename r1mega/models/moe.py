@@ -83,7 +83,9 @@ class MoE(nn.Module):
         self.last_expert_load: torch.Tensor | None = None
         self.load_since_update: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_repeats: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., H]; token_repeats [N] (N = tokens of x): how many sequences read each token, as
+        expert-load counts (shared_prefix.py; None: once each)."""
         c = self.config
         flat = x.reshape(-1, x.shape[-1])  # [N, H]
         # router logits in fp32, as DeepSeek-V3 computes them
@@ -94,7 +96,8 @@ class MoE(nn.Module):
         x_sorted, tokens_per_expert, row_map = moe_permute(flat, indices, c.n_routed_experts)
         y = moe_unpermute(self.experts(x_sorted, tokens_per_expert), row_map, weights).view_as(x)
         with torch.no_grad():
-            self.last_expert_load = tokens_per_expert.detach()
+            self.last_expert_load = tokens_per_expert.detach() if token_repeats is None else torch.zeros_like(
+                tokens_per_expert).index_add_(0, indices.flatten(), token_repeats.repeat_interleave(indices.shape[1]))
             if self.training:
                 prev = self.load_since_update
                 self.load_since_update = self.last_expert_load if prev is None else prev + self.last_expert_load

@@ -26,6 +26,7 @@ from r1mega.models.config import ModelConfig
 from r1mega.models.kv_cache import KVCache, Slots
 from r1mega.models.moe import MoE, SwiGLU
 from r1mega.models.norm import RMSNorm
+from r1mega.models.shared_prefix import SharedPrefixRow
 
 
 class Block(nn.Module):
@@ -38,6 +39,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), ctx)
+        if ctx.shared is not None and isinstance(self.ffn, MoE):
+            return x + self.ffn(self.ffn_norm(x), token_repeats=ctx.shared.repeats)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -93,12 +96,14 @@ class Transformer(nn.Module):
                     module.router.expert_bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                slots: Optional[Slots] = None, return_hidden: bool = False) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, shared: Optional[SharedPrefixRow] = None,
+                cache: Optional[KVCache] = None, slots: Optional[Slots] = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> float logits [B, T, V], or final-normed hidden states [B, T, H] if return_hidden.
 
         segment_ids [B, T]: packed rows; each run of equal ids attends only within itself and, unless
-        position_ids is given, restarts at position 0. cache + slots (a slice or a [B] tensor of cache
+        position_ids is given, restarts at position 0. shared: sequences reading a [1, T] row whose
+        shared prefixes are stored once (shared_prefix.py); position_ids required. cache + slots (a slice or a [B] tensor of cache
         rows): write this call's keys and values at position_ids (required) in the slots' cache rows
         and attend over them.
         """
@@ -118,6 +123,10 @@ class Transformer(nn.Module):
             ctx_kw = dict(spans=segment_spans(segment_ids))
             if position_ids is None:
                 position_ids = segment_positions(segment_ids)
+        elif shared is not None:
+            if position_ids is None or b != 1:
+                raise ValueError("Transformer.forward: a shared-prefix row needs position_ids and one row")
+            ctx_kw = dict(spans=[shared.spans], shared=shared)
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         h = self.embed(input_ids)  # [B, T, H]

@@ -3,8 +3,9 @@
 Sample i is `prompt_i + response_i`. Every per-token tensor is [S, R]: S samples, R the longest
 response, response tokens left-aligned, `mask` marking real tokens. The logits that predict response
 token j of a sample come from the hidden state at sequence position `prompt_len + j - 1`, which is
-what `response_hidden` gathers from one packed forward (sequences side by side in one row, attention
-kept within each).
+what `response_hidden` gathers from one packed forward: sequences side by side in one row, attention
+kept within each, and the samples of one prompt (GRPO's group) reading a single copy of it, so that
+the prompt passes through the model once per micro-batch instead of once per sample.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from r1mega.data.packing import pack_sequences
+from r1mega.models.shared_prefix import SharedPrefixRow
 
 
 @dataclass
@@ -57,23 +59,58 @@ class TokenBatch:
         return [len(self.prompt_ids[i]) + int(self.mask[i].sum()) for i in range(len(self))]
 
     def micro_batches(self, token_budget: int) -> list[list[int]]:
-        """Indices of the samples in each micro-batch: whole sequences packed up to the token budget."""
-        return pack_sequences(self.lengths(), token_budget)
+        """Indices of the samples in each micro-batch, packed up to the token budget, where the budget
+        counts the tokens the forward computes: a prompt shared by samples of a micro-batch once.
+
+        Samples of one prompt go into the same micro-batch (as many as fit), and those units are
+        packed first-fit-decreasing. A sample longer than the budget gets a micro-batch of its own."""
+        units = []
+        for members in self.prompt_groups(range(len(self))):
+            prompt = len(self.prompt_ids[members[0]])
+            unit, cost = [], prompt
+            for i in members:
+                response = int(self.mask[i].sum())
+                if unit and cost + response > token_budget:
+                    units.append((unit, cost))
+                    unit, cost = [], prompt
+                unit.append(i)
+                cost += response
+            units.append((unit, cost))
+        bins = pack_sequences([cost for _, cost in units], token_budget)
+        return [[i for u in b for i in units[u][0]] for b in bins]
+
+    def prompt_groups(self, index) -> list[list[int]]:
+        """The samples `index` grouped by identical prompt, groups in order of first appearance."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i in index:
+            groups.setdefault(tuple(self.prompt_ids[i]), []).append(i)
+        return list(groups.values())
 
 
 def response_hidden(model, batch: TokenBatch, device) -> torch.Tensor:
-    """Hidden states [S, R, H] that predict each response token, from one packed forward pass."""
-    sequences = [batch.sequence(i) for i in range(len(batch))]
-    lengths = torch.tensor([len(seq) for seq in sequences], device=device)
-    input_ids = torch.tensor([tok for seq in sequences for tok in seq], device=device)[None]  # [1, sum len]
-    segment_ids = torch.repeat_interleave(torch.arange(len(sequences), device=device), lengths)[None]
-    hidden = model(input_ids, segment_ids=segment_ids, return_hidden=True)[0]  # [sum len, H]
-    starts = lengths.cumsum(0) - lengths
-    prompt_lens = torch.tensor([len(p) for p in batch.prompt_ids], device=device)
-    positions = (starts + prompt_lens - 1)[:, None] + torch.arange(batch.response_ids.shape[1], device=device)[None]
-    # Masked columns point at the sequence's last token: any valid index will do, their loss is 0.
-    positions = torch.minimum(positions, (starts + lengths - 1)[:, None])
-    return hidden[positions]  # [S, R, H]
+    """Hidden states [S, R, H] that predict each response token, from one packed forward pass in which
+    samples with the same prompt share one copy of it (shared_prefix.py)."""
+    tokens, positions, sequences = [], [], [None] * len(batch)
+    for members in batch.prompt_groups(range(len(batch))):
+        prompt = batch.prompt_ids[members[0]]
+        prompt_index = list(range(len(tokens), len(tokens) + len(prompt)))
+        tokens += prompt
+        positions += range(len(prompt))
+        for i in members:
+            response = batch.response_ids[i, :int(batch.mask[i].sum())].tolist()
+            sequences[i] = prompt_index + list(range(len(tokens), len(tokens) + len(response)))
+            tokens += response
+            positions += range(len(prompt), len(prompt) + len(response))
+    shared = SharedPrefixRow.from_sequences(sequences, len(tokens), device)
+    input_ids = torch.tensor(tokens, device=device)[None]
+    hidden = model(input_ids, position_ids=torch.tensor(positions, device=device)[None], shared=shared,
+                   return_hidden=True)[0]  # [T, H]
+    # Response token j is predicted at sequence position prompt_len + j - 1; masked columns point at
+    # the sequence's last token (any valid index will do, their loss is 0).
+    columns = torch.arange(batch.response_ids.shape[1])
+    rows = [torch.tensor(seq)[torch.clamp(columns + len(batch.prompt_ids[i]) - 1, max=len(seq) - 1)]
+            for i, seq in enumerate(sequences)]
+    return hidden[torch.stack(rows).to(device)]  # [S, R, H]
 
 
 def response_logprobs(model, batch: TokenBatch, *, temperature: float, device) -> torch.Tensor:

@@ -1,10 +1,12 @@
 """`MegatronPolicy`: a megatron-core GPTModel behind the interface the trainers use of a `Transformer`.
 
 What the GRPO trainer asks of its policy, and how each is answered here:
-- `forward(input_ids, segment_ids=..., return_hidden=True)` on packed micro-batches (several
-  sequences side by side in one row, token_batch.response_hidden): megatron's attention here has no
-  packed-sequence path, so each segment becomes a row of a right-padded batch (attention is causal,
-  so padding after a sequence never reaches it) and the hidden states are put back in packed order;
+- `forward(input_ids, shared=..., return_hidden=True)` on packed micro-batches whose sequences
+  share prompts (token_batch.response_hidden, models/shared_prefix.py): megatron's attention here has
+  no packed-sequence path, so each sequence becomes a row of a right-padded batch (attention is
+  causal, so padding after a sequence never reaches it), shared prompts copied into every row that
+  reads them (its routers then count them once per sequence, as the native model's `repeats` do), and
+  each stored token takes the hidden state of the first row that reads it;
 - `output_weight`: this rank's vocabulary shard of the output matrix, for the fused loss ops;
 - `config` (the r1mega ModelConfig), `parameters()`, `state_dict()` (megatron names) for the
   optimizer and checkpoints;
@@ -28,6 +30,7 @@ from r1mega.backends.megatron.loss import hidden_states, output_weight
 from r1mega.backends.megatron.model import native_weights
 from r1mega.models.balance import bias_step, load_stats
 from r1mega.models.config import ModelConfig
+from r1mega.models.shared_prefix import SharedPrefixRow
 
 
 class MegatronPolicy(nn.Module):
@@ -49,28 +52,25 @@ class MegatronPolicy(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return output_weight(self.model)
 
-    def forward(self, input_ids: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> final-normed hidden states [B, T, H]; segment_ids [B, T] as Transformer's."""
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                shared: SharedPrefixRow | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> final-normed hidden states [B, T, H]; `shared` as Transformer's (its
+        sequences start at position 0, so position_ids add nothing here)."""
         if not return_hidden:
             raise ValueError("MegatronPolicy returns hidden states only (return_hidden=True): the loss ops "
                              "apply the vocabulary-parallel output layer themselves")
-        if segment_ids is None:
+        if shared is None:
             return hidden_states(self.model, input_ids)
-        from r1mega.models.transformer import segment_spans
-
-        spans = [(row, s, e) for row, row_spans in enumerate(segment_spans(segment_ids)) for s, e in row_spans]
-        width = max(e - s for _, s, e in spans)
-        padded = input_ids.new_zeros(len(spans), width)
-        padding = torch.ones(len(spans), width, dtype=torch.bool, device=input_ids.device)
-        for i, (row, s, e) in enumerate(spans):
-            padded[i, :e - s] = input_ids[row, s:e]
+        width = max(e - s for s, e in shared.spans)
+        padded = input_ids.new_zeros(len(shared.spans), width)
+        padding = torch.ones(len(shared.spans), width, dtype=torch.bool, device=input_ids.device)
+        for i, (s, e) in enumerate(shared.spans):
+            padded[i, :e - s] = input_ids[0, shared.expand[s:e]]
             padding[i, :e - s] = False
         with self._padding_not_counted(padding):
-            hidden = hidden_states(self.model, padded)  # [segments, width, H]
-        rows = [torch.cat([hidden[i, :e - s] for i, (r, s, e) in enumerate(spans) if r == row])
-                for row in range(input_ids.shape[0])]
-        return torch.stack(rows)
+            hidden = hidden_states(self.model, padded)  # [sequences, width, H]
+        laid_out = hidden[~padding]  # [sum of sequence lengths, H], the sequences end to end
+        return laid_out[shared.collect][None]
 
     @contextlib.contextmanager
     def _padding_not_counted(self, padding: torch.Tensor):

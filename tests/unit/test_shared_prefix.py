@@ -1,0 +1,86 @@
+"""Shared prompts in the trainer's packed forward (models/shared_prefix.py, token_batch.response_hidden):
+each sample's logprobs equal Hugging Face's forward of the sample alone, every parameter's gradient
+that of the native model's unpacked forwards, MoE expert loads count a shared prompt once per sample, and micro-batches count it once."""
+
+import pytest
+import torch
+import transformers
+
+from r1mega.models import hf
+from r1mega.models.shared_prefix import SharedPrefixRow
+from r1mega.trainers.token_batch import TokenBatch, response_logprobs
+from tiny_models import make_hf_dir
+
+# Two samples of prompt A, one of B, a third of A with an empty response, and a lone C.
+PROMPTS = [[5, 6, 7, 8, 9], [5, 6, 7, 8, 9], [11, 12], [5, 6, 7, 8, 9], [20, 21, 22]]
+RESPONSES = [[30, 31, 32], [33], [34, 35, 36, 37], [], [38, 39]]
+
+
+def logprobs_alone(model, prompts, responses, *, grads: bool):
+    """Per-sample forwards, each sample alone in a batch of one (Hugging Face's model or the native one
+    without packing): logprobs [S, R] and, if `grads`, the parameters' gradients of their sum."""
+    model.zero_grad(set_to_none=True)
+    out = torch.zeros(len(prompts), max(map(len, responses)))
+    total = 0.0
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        if not response:
+            continue
+        logits = model(torch.tensor([prompt + response]))
+        logits = getattr(logits, "logits", logits)[0].float().log_softmax(-1)
+        logp = logits[len(prompt) - 1:-1].gather(-1, torch.tensor(response)[:, None])[:, 0]
+        out[i, :len(response)] = logp.detach()
+        total = total + logp.sum()
+    if grads:
+        total.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "deepseek_v3"])
+def test_shared_prompts_match_each_sample_alone(arch, tmp_path):
+    path = make_hf_dir(arch, tmp_path / arch)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    expected, _ = logprobs_alone(reference, PROMPTS, RESPONSES, grads=False)
+    model, _ = hf.load(path)
+    _, expected_grads = logprobs_alone(model, PROMPTS, RESPONSES, grads=True)  # the unpacked path
+
+    model.zero_grad(set_to_none=True)
+    batch = TokenBatch(PROMPTS, *TokenBatch.pad(RESPONSES))
+    logp = response_logprobs(model, batch, temperature=1.0, device="cpu")
+    torch.testing.assert_close(logp.detach(), expected, atol=2e-5, rtol=0)
+    logp.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_expert_loads_count_a_shared_prompt_once_per_sample(tmp_path):
+    model, _ = hf.load(make_hf_dir("deepseek_v3", tmp_path / "m"))
+    moes = [block.ffn for block in model.layers if hasattr(block.ffn, "router")]
+    with torch.no_grad():
+        response_logprobs(model, TokenBatch(PROMPTS, *TokenBatch.pad(RESPONSES)), temperature=1.0, device="cpu")
+        shared = [moe.last_expert_load.clone() for moe in moes]
+        separate = [torch.zeros_like(load) for load in shared]
+        for prompt, response in zip(PROMPTS, RESPONSES):  # each sample alone, its prompt a copy of its own
+            model(torch.tensor([prompt + response]))
+            for total, moe in zip(separate, moes):
+                total += moe.last_expert_load
+    for got, want in zip(shared, separate):
+        assert torch.equal(got, want)
+    assert int(shared[0].sum()) == sum(map(len, PROMPTS + RESPONSES)) * model.config.num_experts_per_tok
+
+
+def test_micro_batches_count_a_shared_prompt_once():
+    batch = TokenBatch([[1] * 10] * 4 + [[2] * 6], *TokenBatch.pad([[3] * 3] * 4 + [[4] * 5]))
+    assert batch.micro_batches(22) == [[0, 1, 2, 3], [4]]  # 10 + 4 x 3 = 22 (apart: 52)
+    assert batch.micro_batches(16) == [[0, 1], [2, 3], [4]]  # a group too big for the budget splits
+    assert batch.micro_batches(100) == [[0, 1, 2, 3, 4]]
+    assert batch.micro_batches(1) == [[0], [1], [2], [3], [4]]  # longer than the budget: alone
+
+
+def test_every_stored_token_must_be_read():
+    with pytest.raises(ValueError, match=r"stored tokens \[3\] are read by no sequence"):
+        SharedPrefixRow.from_sequences([[0, 1], [0, 2]], num_tokens=4)
+    row = SharedPrefixRow.from_sequences([[0, 1, 2], [0, 1, 3]], num_tokens=4)
+    assert row.expand.tolist() == [0, 1, 2, 0, 1, 3]
+    assert row.collect.tolist() == [0, 1, 2, 5] and row.repeats.tolist() == [2, 2, 1, 1]
