@@ -33,10 +33,12 @@ policy, the reference and the tokenizer from that path; r1mega loads it through 
    too: on a shared machine they move less with other people's load than wall time does (use
    --threads 1 there: oversubscribed OpenMP threads make both sides several times slower).
 
-What a step does differs where the implementations do: r1mega recomputes the old logprobs with an
-extra no-grad forward even on-policy (TRL reuses the loss forward's detached logprobs), copies its
-weights into the engine after the step, and packs sequences without padding; TRL pads, computes the
-entropy in its loss forward and generates with transformers' `generate`.
+What a step does differs where the implementations do: both take the old logprobs from the loss
+forward (on-policy); r1mega packs sequences without padding, runs each prompt through the model once
+for its G samples (prefill in the engine, the reference and the policy forwards in the trainer: a
+GRPO group shares its prompt), and copies its weights into the engine after the step; TRL pads, runs
+every sample's prompt, computes the entropy in its loss forward and generates with transformers'
+`generate`.
 
 Deliberately left out: vLLM or SGLang, several processes, several mini-batches per step, GPUs (the
 loss check runs on CPU; --device only moves the throughput run, untested off CPU), and any assertion
@@ -376,7 +378,7 @@ def parse_args(argv=None):
                    help="TRL loss_type of the throughput run (r1mega: its aggregation; dr_grpo is in the loss check)")
     p.add_argument("--token-budget", type=int, default=65536, help="r1mega tokens per micro-batch")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
