@@ -104,7 +104,7 @@ class AlgoConfig:
     scale_by_std: bool = True
     kl_in_reward: bool = False
     ref_reset_every: int = 400
-    token_budget: int = 16384  # tokens per micro-batch after packing (a prompt its samples share counts once)
+    token_budget: int = 16384  # tokens per micro-batch after packing
     expert_bias_rate: float = 0.001
     max_nan_steps: int = 3
 

@@ -38,8 +38,9 @@ class AttnContext:
 
     cos: torch.Tensor  # [B, T, rope_dim/2]
     sin: torch.Tensor
-    spans: Optional[list[list[tuple[int, int]]]] = None  # packed path: per row, [start, end) of each segment
-    shared: Optional[SharedPrefixRow] = None  # packed path with shared prefixes: one row, spans over its `expand`
+    # packed path: per row, [start, end) of each segment (with `shared`: of each sequence in its `expand`)
+    spans: Optional[list[list[tuple[int, int]]]] = None
+    shared: Optional[SharedPrefixRow] = None  # packed path with shared prefixes
     cache: Optional[KVCache] = None
     slots: Optional[Slots] = None  # a slice of cache rows, or [B] row indices
     rows: Optional[torch.Tensor] = None  # [B, T]: the slot of each position (KVCache.rows)

@@ -102,30 +102,33 @@ class Transformer(nn.Module):
         """input_ids [B, T] -> float logits [B, T, V], or final-normed hidden states [B, T, H] if return_hidden.
 
         segment_ids [B, T]: packed rows; each run of equal ids attends only within itself and, unless
-        position_ids is given, restarts at position 0. shared: sequences reading a [1, T] row whose
-        shared prefixes are stored once (shared_prefix.py); position_ids required. cache + slots (a slice or a [B] tensor of cache
-        rows): write this call's keys and values at position_ids (required) in the slots' cache rows
-        and attend over them.
+        position_ids is given, restarts at position 0. shared: sequences reading a [1, T] row
+        whose shared prefixes are stored once (shared_prefix.py); position_ids required.
+        cache + slots (a slice or a [B] tensor of cache rows): write this call's keys and values at
+        position_ids (required) in the slots' cache rows and attend over them.
         """
         b, t = input_ids.shape
         ctx_kw = {}
         if cache is not None:
             if position_ids is None or slots is None:
                 raise ValueError("Transformer.forward: a KV cache needs position_ids and slots")
-            if segment_ids is not None:
-                raise ValueError("Transformer.forward: segment_ids and a KV cache cannot be combined")
+            if segment_ids is not None or shared is not None:
+                raise ValueError("Transformer.forward: segment_ids or shared and a KV cache cannot be combined")
             cache_len = int(position_ids.max()) + 1
             rows = cache.rows(slots, position_ids, cache_len)
             hidden = torch.arange(cache_len, device=position_ids.device) > position_ids[..., None]
             ctx_kw = dict(cache=cache, slots=slots, rows=rows, positions=position_ids, cache_len=cache_len,
                           hidden=hidden)
         elif segment_ids is not None:
+            if shared is not None:
+                raise ValueError("Transformer.forward: give segment_ids or shared, not both")
             ctx_kw = dict(spans=segment_spans(segment_ids))
             if position_ids is None:
                 position_ids = segment_positions(segment_ids)
         elif shared is not None:
-            if position_ids is None or b != 1:
-                raise ValueError("Transformer.forward: a shared-prefix row needs position_ids and one row")
+            if position_ids is None or b != 1 or shared.collect.numel() != t:
+                raise ValueError("Transformer.forward: a shared-prefix row needs position_ids and one row of "
+                                 f"the {shared.collect.numel()} tokens it describes, got {b} x {t}")
             ctx_kw = dict(spans=[shared.spans], shared=shared)
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)

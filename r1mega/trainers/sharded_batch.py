@@ -3,8 +3,9 @@
 Every rank holds the whole (gathered) rollout batch, shuffles it and cuts it into mini-batches in step
 with the others, and normalises each micro-batch's loss by its share of the global mini-batch
 (policy_update.py); what differs between ranks is only which micro-batches each one runs. `deal`
-takes the micro-batches one process would pack and deals them round-robin, so when their count is a
-multiple of the data-parallel degree each rank runs micro-batches of the single-process run exactly,
+takes the micro-batches one process would pack (TokenBatch.micro_batches) and deals them round-robin,
+so when their count is a multiple of the data-parallel degree each rank runs micro-batches of the
+single-process run exactly,
 and every statistic weighted by micro-batch shares equals that run's. When it is not, the fullest
 micro-batch (by tokens, among those of two or more sequences) is halved until it is: every rank must
 run the same number of forward and backward passes, since FSDP's gathers and gradient reductions are
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from r1mega.data.packing import pack_sequences
 from r1mega.trainers.rollout_batch import RolloutBatch
 
 
@@ -43,5 +43,4 @@ class ShardedRolloutBatch(RolloutBatch):
     dp_size: int = 1
 
     def micro_batches(self, token_budget: int) -> list[list[int]]:
-        lengths = self.lengths()
-        return deal(pack_sequences(lengths, token_budget), lengths, self.dp_size)[self.dp_rank]
+        return deal(super().micro_batches(token_budget), self.lengths(), self.dp_size)[self.dp_rank]

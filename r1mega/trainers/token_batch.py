@@ -59,22 +59,20 @@ class TokenBatch:
         return [len(self.prompt_ids[i]) + int(self.mask[i].sum()) for i in range(len(self))]
 
     def micro_batches(self, token_budget: int) -> list[list[int]]:
-        """Indices of the samples in each micro-batch, packed up to the token budget, where the budget
-        counts the tokens the forward computes: a prompt shared by samples of a micro-batch once.
-
-        Samples of one prompt go into the same micro-batch (as many as fit), and those units are
-        packed first-fit-decreasing. A sample longer than the budget gets a micro-batch of its own."""
-        units = []
+        """Indices of the samples in each micro-batch: whole sequences (prompt + response tokens, what
+        bounds memory: attention runs per sequence, and megatron runs every sequence whole) packed
+        first-fit-decreasing up to the token budget, a prompt's samples kept together as far as they
+        fit, so that they share it (`response_hidden`). A sample longer than the budget is alone."""
+        lengths = self.lengths()
+        units = []  # (samples of one prompt, their tokens)
         for members in self.prompt_groups(range(len(self))):
-            prompt = len(self.prompt_ids[members[0]])
-            unit, cost = [], prompt
+            unit, cost = [], 0
             for i in members:
-                response = int(self.mask[i].sum())
-                if unit and cost + response > token_budget:
+                if unit and cost + lengths[i] > token_budget:
                     units.append((unit, cost))
-                    unit, cost = [], prompt
+                    unit, cost = [], 0
                 unit.append(i)
-                cost += response
+                cost += lengths[i]
             units.append((unit, cost))
         bins = pack_sequences([cost for _, cost in units], token_budget)
         return [[i for u in b for i in units[u][0]] for b in bins]
@@ -90,6 +88,8 @@ class TokenBatch:
 def response_hidden(model, batch: TokenBatch, device) -> torch.Tensor:
     """Hidden states [S, R, H] that predict each response token, from one packed forward pass in which
     samples with the same prompt share one copy of it (shared_prefix.py)."""
+    if not all(batch.prompt_ids):
+        raise ValueError("a sample has an empty prompt: its first response token has no position to be predicted at")
     tokens, positions, sequences = [], [], [None] * len(batch)
     for members in batch.prompt_groups(range(len(batch))):
         prompt = batch.prompt_ids[members[0]]

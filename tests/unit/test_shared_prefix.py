@@ -1,6 +1,9 @@
 """Shared prompts in the trainer's packed forward (models/shared_prefix.py, token_batch.response_hidden):
 each sample's logprobs equal Hugging Face's forward of the sample alone, every parameter's gradient
-that of the native model's unpacked forwards, MoE expert loads count a shared prompt once per sample, and micro-batches count it once."""
+that of the native model's unpacked forwards, MoE expert loads count a shared prompt once per sample,
+and micro-batches keep a prompt's samples together within the token budget."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -8,6 +11,7 @@ import transformers
 
 from r1mega.models import hf
 from r1mega.models.shared_prefix import SharedPrefixRow
+from r1mega.trainers.sharded_batch import ShardedRolloutBatch
 from r1mega.trainers.token_batch import TokenBatch, response_logprobs
 from tiny_models import make_hf_dir
 
@@ -70,12 +74,24 @@ def test_expert_loads_count_a_shared_prompt_once_per_sample(tmp_path):
     assert int(shared[0].sum()) == sum(map(len, PROMPTS + RESPONSES)) * model.config.num_experts_per_tok
 
 
-def test_micro_batches_count_a_shared_prompt_once():
-    batch = TokenBatch([[1] * 10] * 4 + [[2] * 6], *TokenBatch.pad([[3] * 3] * 4 + [[4] * 5]))
-    assert batch.micro_batches(22) == [[0, 1, 2, 3], [4]]  # 10 + 4 x 3 = 22 (apart: 52)
-    assert batch.micro_batches(16) == [[0, 1], [2, 3], [4]]  # a group too big for the budget splits
-    assert batch.micro_batches(100) == [[0, 1, 2, 3, 4]]
-    assert batch.micro_batches(1) == [[0], [1], [2], [3], [4]]  # longer than the budget: alone
+def test_micro_batches_keep_a_prompt_s_samples_together():
+    # samples 0, 2, 4 share prompt A (10 tokens), 1 and 3 prompt B (6); responses of 3 and 5 tokens
+    responses = [[3] * 3, [4] * 5, [3] * 3, [4] * 5, [3] * 3]
+    batch = TokenBatch([[1] * 10, [2] * 6, [1] * 10, [2] * 6, [1] * 10], *TokenBatch.pad(responses))
+    assert batch.lengths() == [13, 11, 13, 11, 13]
+    assert batch.micro_batches(100) == [[0, 2, 4, 1, 3]]
+    assert batch.micro_batches(39) == [[0, 2, 4], [1, 3]]
+    assert batch.micro_batches(37) == [[0, 2], [1, 3, 4]]  # by sequence alone: [[0, 2, 1], [4, 3]]
+    assert batch.micro_batches(26) == [[0, 2], [1, 3], [4]]  # a prompt's samples beyond the budget split
+    assert batch.micro_batches(5) == [[0], [2], [4], [1], [3]]  # longer than the budget: alone
+
+
+def test_sharded_micro_batches_deal_the_grouped_bins():
+    ids, mask = TokenBatch.pad([[3] * 3, [4] * 5] * 3)
+    batch = ShardedRolloutBatch([[1] * 10, [2] * 6] * 3, ids, mask, engine_logp=torch.zeros_like(mask),
+                                rewards=torch.zeros(6), dp_size=2)
+    ranks = [dataclasses.replace(batch, dp_rank=r).micro_batches(40) for r in range(2)]
+    assert ranks == [[[0, 2, 4]], [[1, 3, 5]]]
 
 
 def test_every_stored_token_must_be_read():
