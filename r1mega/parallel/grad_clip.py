@@ -12,7 +12,8 @@ reduces a Shard placement as a partial sum of squares over that mesh dimension a
 placement alone, so a replicated gradient counts once, not once per rank (tests/distributed checks
 this against the single-process norm for TP, EP, FSDP and their combinations). Plain tensors are
 taken to be replicated on every rank that holds them, as tensor parallelism's unplanned modules are
-(same inputs, same gradients on every tp rank), so their norm is this rank's own. Every rank then
+(same inputs, same gradients on every tp rank) and a replicated module's are (replicate.py: DDP sums
+them over ranks before they get here), so their norm is this rank's own. Every rank then
 holds the same norm and scales by the same coefficient. A non-finite norm is returned as it is (the
 gradients become non-finite too, as with torch) for the caller to skip the step.
 

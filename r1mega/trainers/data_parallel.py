@@ -19,8 +19,12 @@ group and every method below returns its input. One step:
   the ratio's extremes are min- and max-reduced; the gradient norm is already global
   (r1mega.parallel.grad_clip reduces it over every mesh), and the ranks agree on skipping a step
   (policy_update.py).
-- MoE: expert loads are summed over ranks before the bias update (`sum_expert_load`), so every rank
-  keeps the same biases and reports the global load.
+- MoE: expert loads are summed over ranks before the bias update (`sum_expert_load`; the megatron
+  backend's policy sums its routers' counts itself), so every rank keeps the same biases and reports
+  the global load.
+
+`parallelize` is for the native policy and the reference; the megatron backend's policy is replicated
+instead, its gradients summed by DDP (policy_model.trainable, r1mega.parallel.replicate).
 
 Tensor and expert parallelism (parallel.tp, parallel.ep) apply too: `parallelize` splits the policy and
 the reference over the tp and ep meshes before FSDP shards them over the data-parallel one. The ranks of
@@ -165,6 +169,10 @@ class DataParallel:
         """Sums each MoE layer's load since the last bias update over ranks (every rank ran the
         same number of training forwards, so every rank has a load to add, or none)."""
         if self.size == 1:
+            return
+        own = getattr(model, "sum_expert_load", None)
+        if own is not None:  # the megatron backend's routers keep their counts their own way
+            own(self.group)
             return
         for _, moe in moe_layers(model):
             if moe.load_since_update is not None:

@@ -8,7 +8,8 @@ by the policy every `ref_reset_every` steps. The maths lives in r1mega.ops; this
 
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
 generates and scores its share of the questions, the rollouts are gathered, each rank runs its share of
-every mini-batch on the FSDP-sharded policy, and the metrics are those of the global batch; rank 0
+every mini-batch on the FSDP-sharded policy (DDP-replicated with model.backend=megatron), and the
+metrics are those of the global batch; rank 0
 alone writes metrics, plots and progress. Checkpoints are then distributed (parallel/dist_checkpoint.py).
 """
 
@@ -36,7 +37,7 @@ from r1mega.trainers.evaluate import eval_metrics, generate_and_score, rollout_m
 from r1mega.trainers.metrics import MetricsLogger
 from r1mega.trainers.plots import plot_metrics
 from r1mega.trainers.policy_model import (
-    engine_weights, expert_load_stats, native_state_dict, trainable, update_expert_bias,
+    engine_weights, expert_load_stats, reset_reference, trainable, update_expert_bias,
 )
 from r1mega.trainers.policy_update import is_on_policy, sequence_logprobs, update_policy
 from r1mega.trainers.prompts import PromptStream
@@ -122,7 +123,7 @@ class GRPOTrainer:
         timings["throughput/rollout_tokens_per_s"] = generated / timings["time/rollout"]
         timings["throughput/train_tokens_per_s"] = (generated + sum(map(len, batch.prompt_ids))) / timings["time/train"]
         if (step + 1) % algo.ref_reset_every == 0:
-            self.reference.load_state_dict(native_state_dict(self.policy))
+            reset_reference(self.reference, self.policy)
         self._count_nan_steps(stats["train/nan_steps"])
         return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats,
                 **expert_stats, **timings, "lr": self.scheduler.get_last_lr()[0]}

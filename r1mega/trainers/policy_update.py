@@ -15,6 +15,10 @@ means over valid tokens (clip fraction, KL, ratio mean, entropy), weighted by th
 tokens whatever the aggregation, or extremes (ratio min and max), taken by min and max: so none of
 them depends on how the sequences were packed into micro-batches or dealt to data-parallel ranks.
 
+Under data parallelism the ranks' gradients are summed: FSDP2 sums each micro-batch's in its backward;
+a replicated policy (the megatron backend's DDP) keeps them local until the mini-batch's last
+micro-batch, since DDP would sum the already-summed gradients of the earlier ones again.
+
 The gradient norm is clipped by r1mega.parallel.grad_clip (gradients may be DTensors on several
 meshes). A step whose loss or gradient norm is not finite is skipped, on every rank if on any: under
 torch.distributed the ranks agree by a min-reduced flag, since their sharded or replicated parameters
@@ -23,6 +27,7 @@ must take the same steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -87,6 +92,14 @@ def _micro_stats(stats: dict[str, torch.Tensor], micro: RolloutBatch) -> dict[st
     return {key: float(value) for key, value in stats.items() if key not in EXTREMES or micro.mask.any()}
 
 
+def _local_gradients(model, keep: bool):
+    """Around a micro-batch's forward and backward: with `keep`, a replicated (DDP) policy keeps its
+    gradients local, to be summed over ranks with the step's last micro-batch (parallel/replicate.py).
+    FSDP2 reduces each micro-batch's gradients as they come, which a sum gets right as it is."""
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if keep and no_sync is not None else contextlib.nullcontext()
+
+
 def is_on_policy(algo) -> bool:
     """True when one optimizer step consumes the whole rollout batch, so old logprobs = current ones."""
     return algo.mini_batches == 1 and algo.inner_epochs == 1 and not algo.kl_in_reward
@@ -117,21 +130,23 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
             mini = batch.select(members)
             optimizer.zero_grad(set_to_none=True)
             step_stats = {"loss": 0.0, **_no_tokens()}
-            for index in mini.micro_batches(algo.token_budget):
+            micro_batches = mini.micro_batches(algo.token_budget)
+            for n, index in enumerate(micro_batches):
                 micro = mini.select(index)
-                hidden = response_hidden(model, micro, device)
-                ref = None if beta == 0.0 else micro.ref_logp.to(device)
-                old = None if on_policy else micro.old_logp.to(device)
-                loss, stats, logp = linear_grpo_loss(
-                    hidden, model.output_weight, micro.response_ids.to(device), old, ref,
-                    micro.advantages.to(device), micro.mask.to(device), temperature=temperature,
-                    clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg,
-                    max_len=batch.response_ids.shape[1],  # one divisor for every micro-batch (token-sum-norm)
-                    return_logp=True)
+                with _local_gradients(model, keep=n < len(micro_batches) - 1):
+                    hidden = response_hidden(model, micro, device)
+                    ref = None if beta == 0.0 else micro.ref_logp.to(device)
+                    old = None if on_policy else micro.old_logp.to(device)
+                    loss, stats, logp = linear_grpo_loss(
+                        hidden, model.output_weight, micro.response_ids.to(device), old, ref,
+                        micro.advantages.to(device), micro.mask.to(device), temperature=temperature,
+                        clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg,
+                        max_len=batch.response_ids.shape[1],  # one divisor for every micro-batch (token-sum-norm)
+                        return_logp=True)
+                    share = _share(micro, mini, algo.agg)
+                    (loss * share).backward()
                 if on_policy:
                     _place(current_logp, [members[i] for i in index], logp * micro.mask.to(logp.device))
-                share = _share(micro, mini, algo.agg)
-                (loss * share).backward()
                 step_stats["loss"] += loss.item() * share
                 _add(step_stats, _micro_stats(stats, micro), _share(micro, mini, "token-mean"))  # token means
             grad_norm = clip_grad_norm(model.parameters(), algo.grad_clip)

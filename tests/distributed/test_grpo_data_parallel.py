@@ -1,6 +1,7 @@
 """GRPO under torchrun: 2 processes give the metrics of 1 process with the same global batch, data
-parallel (FSDP2), tensor parallel (tp=2) or expert parallel (ep=2 over FSDP2), and a run stopped at a
-checkpoint resumes to the same metrics, under torchrun or in one process.
+parallel (FSDP2), tensor parallel (tp=2) or expert parallel (ep=2 over FSDP2), or with the policy as a
+megatron-core GPTModel replicated by DDP (model.backend=megatron), and a run stopped at a checkpoint
+resumes to the same metrics, under torchrun or in one process.
 
 Every run goes through `train(cfg)` as r1mega-train does (grpo_worker.py adds a reward a random model
 can earn) on the default tiny DeepSeek-V3 model (MLA, MoE with 8 routed experts); the 2-process runs
@@ -23,6 +24,15 @@ absolute one 2e-7, for dp=2, tp=2, ep=2 and tp=2 x ep=2 alike. The bugs this gua
 ranks drawing different prompts change the rewards; a loss normalised by local counts doubles the
 gradient at 2 ranks, averaging instead of summing the ranks' gradients halves it; a gradient norm that
 counts a replicated gradient once per rank grows by sqrt(2).
+
+The megatron runs (megatron_grpo_worker.py shims megatron-core onto the CPU) compare 2 processes with 1
+process of the same backend, to the same tolerances (4 steps measured: 4e-5 relative and 3e-8 absolute
+on the loss, 3e-6 on the KL, 1e-7 elsewhere). Their small token budget packs each mini-batch into
+several micro-batches per rank, so that gradients accumulate before DDP sums them; the reference is
+reset from the megatron policy every 2 steps. The bugs: DDP's default average halves the gradient (the
+loss at the next step moves with it), summing the accumulated gradient of every micro-batch counts the
+earlier ones twice, and expert loads left unsummed give each rank other biases and the reported loads
+of half the batch.
 """
 
 import json
@@ -40,6 +50,7 @@ from helpers import free_port
 
 pytestmark = pytest.mark.distributed
 WORKER = str(Path(__file__).with_name("grpo_worker.py"))
+MEGATRON_WORKER = str(Path(__file__).with_name("megatron_grpo_worker.py"))
 ROOT = str(Path(__file__).resolve().parents[2])
 ARGS = ["model.init=random", "data.train_size=64", "data.test_size=6", "algo.questions_per_step=4",
         "algo.group_size=4", "algo.mini_batches=2", "algo.lr=3e-3", "algo.beta=0.1",
@@ -48,12 +59,14 @@ ARGS = ["model.init=random", "data.train_size=64", "data.test_size=6", "algo.que
 TIMING = ("time/", "throughput/", "reward/score_time_s")
 
 
-def _run(out_dir: Path, processes: int, *extra: str) -> None:
+def _run(out_dir: Path, processes: int, *extra: str, worker: str = WORKER) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--max_restarts=0",
                  f"--master_port={free_port()}"] if processes > 1 else [sys.executable])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=f"{ROOT}:{ROOT}/tests")
+    # MASTER_PORT: the megatron backend starts a process group of one in one process
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", PYTHONPATH=f"{ROOT}:{ROOT}/tests",
+               MASTER_PORT=str(free_port()))
     # A session of its own: a run that hangs is killed with torchrun's workers, not only torchrun.
-    proc = subprocess.Popen([*launcher, WORKER, str(out_dir), *ARGS, *extra], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*launcher, worker, str(out_dir), *ARGS, *extra], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=300)
@@ -111,6 +124,20 @@ def test_tensor_and_expert_parallel_match_one_process(straight, tmp_path, layout
     _run(tmp_path, 2, "train.steps=4", *layout)
     _assert_same(_rows(straight / "one"), _rows(tmp_path))
     _assert_distributed_checkpoint(tmp_path)
+
+
+def test_megatron_backend_two_processes_match_one(tmp_path):
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install r1mega[megatron])")
+    # 20 tokens: one sample (a 9-token prompt and 8 new tokens at most) per micro-batch, so 8 per
+    # mini-batch in one process, 4 per rank under torchrun
+    megatron = ("train.steps=4", "model.backend=megatron", "algo.token_budget=20", "algo.ref_reset_every=2")
+    _run(tmp_path / "one", 1, *megatron, worker=MEGATRON_WORKER)
+    _run(tmp_path / "two", 2, *megatron, worker=MEGATRON_WORKER)
+    one = _rows(tmp_path / "one")
+    assert len({row["reward/mean"] for row in one}) > 1, "the reward should move, or the test compares nothing"
+    assert any(key.startswith("moe/decoder.layers.") for key in one[0]), "the policy should be megatron's MoE"
+    _assert_same(one, _rows(tmp_path / "two"))
+    _assert_distributed_checkpoint(tmp_path / "two")
 
 
 def test_resume_under_torchrun_and_in_one_process(straight, tmp_path):

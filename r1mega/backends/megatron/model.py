@@ -47,7 +47,8 @@ def have_transformer_engine() -> bool:
 
 
 def ensure_model_parallel(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234) -> None:
-    """Initialises megatron's parallel state (TP/EP groups) and CUDA RNG trackers once."""
+    """Initialises megatron's parallel state (TP/EP groups) and CUDA RNG trackers once. Its data-parallel
+    size is what tp x ep leave of the world: under torchrun with tp = ep = 1, every rank (dp = N)."""
     from megatron.core import parallel_state, tensor_parallel
 
     if not torch.distributed.is_initialized():

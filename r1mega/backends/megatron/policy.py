@@ -13,7 +13,8 @@ What the GRPO trainer asks of its policy, and how each is answered here:
 - `engine_weights()`: native (name, tensor) pairs for the rollout engine's `update_weights`;
 - `expert_load_stats()` and `update_expert_bias(rate)`: the load metrics and the aux-loss-free
   balancing step of r1mega.models.balance, on the token counts megatron's routers keep
-  (`local_tokens_per_expert`, padding taken back out).
+  (`local_tokens_per_expert`, padding taken back out); `sum_expert_load(group)` adds those counts
+  over data-parallel ranks first.
 
 Deliberately left out: tensor-parallel weight export (native_weights gathers nothing yet) and the
 KV-cache path (rollouts run in the engine, never through this model).
@@ -103,6 +104,13 @@ class MegatronPolicy(nn.Module):
             if router.local_tokens_per_expert.sum() > 0:
                 bias_step(router.expert_bias, router.local_tokens_per_expert, rate)
             router.local_tokens_per_expert.zero_()
+
+    @torch.no_grad()
+    def sum_expert_load(self, group) -> None:
+        """Sums the routers' token counts over the data-parallel `group` (before `update_expert_bias`,
+        so that every rank takes the same bias step, from the global batch's load)."""
+        for _, router in self.routers():
+            torch.distributed.all_reduce(router.local_tokens_per_expert, group=group)
 
     def routers(self) -> list[tuple[str, nn.Module]]:
         """(name, router) of the MoE routers that keep an expert bias."""
