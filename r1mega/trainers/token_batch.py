@@ -37,9 +37,6 @@ class TokenBatch:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
-    def sequence(self, i: int) -> list[int]:
-        return self.prompt_ids[i] + self.response_ids[i, :int(self.mask[i].sum())].tolist()
-
     def select(self, index: list[int]):
         """The samples `index` (same class), per-token tensors cut to their own longest response."""
         idx = torch.tensor(index, dtype=torch.long)
@@ -65,7 +62,7 @@ class TokenBatch:
         fit, so that they share it (`response_hidden`). A sample longer than the budget is alone."""
         lengths = self.lengths()
         units = []  # (samples of one prompt, their tokens)
-        for members in self.prompt_groups(range(len(self))):
+        for members in self.prompt_groups():
             unit, cost = [], 0
             for i in members:
                 if unit and cost + lengths[i] > token_budget:
@@ -77,10 +74,10 @@ class TokenBatch:
         bins = pack_sequences([cost for _, cost in units], token_budget)
         return [[i for u in b for i in units[u][0]] for b in bins]
 
-    def prompt_groups(self, index) -> list[list[int]]:
-        """The samples `index` grouped by identical prompt, groups in order of first appearance."""
+    def prompt_groups(self) -> list[list[int]]:
+        """The samples' indices grouped by identical prompt, groups in order of first appearance."""
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i in index:
+        for i in range(len(self)):
             groups.setdefault(tuple(self.prompt_ids[i]), []).append(i)
         return list(groups.values())
 
@@ -91,7 +88,7 @@ def response_hidden(model, batch: TokenBatch, device) -> torch.Tensor:
     if not all(batch.prompt_ids):
         raise ValueError("a sample has an empty prompt: its first response token has no position to be predicted at")
     tokens, positions, sequences = [], [], [None] * len(batch)
-    for members in batch.prompt_groups(range(len(batch))):
+    for members in batch.prompt_groups():
         prompt = batch.prompt_ids[members[0]]
         prompt_index = list(range(len(tokens), len(tokens) + len(prompt)))
         tokens += prompt
