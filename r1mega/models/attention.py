@@ -4,8 +4,8 @@ Both projections end in `attend`, which has three paths; the two training paths 
 `torch.nn.functional.scaled_dot_product_attention` and build no [T, T] mask, so memory stays linear in T:
 - plain: one causal SDPA call over the whole batch;
 - packed (`segment_ids`): one causal SDPA call per contiguous segment of each row, so attention
-  stays within a segment; with shared prefixes (`SharedPrefixRow`), each sequence's queries, keys
-  and values are first gathered into a segment of its own and the outputs gathered back;
+  stays within a segment; with shared prefixes (`SharedPrefixRow`), each prefix once, then blocks of
+  its sequences gathered over it and their own tokens (`attend_shared_prefix`);
 - cache (`KVCache` + `slots`, `attend_cached`): this call's keys and values are written at their
   positions, then the queries attend over their slot's cache up to their own position (prefill and
   decode alike), with plain matmuls on the cache's views. MLA caches only its normed latent and rope
@@ -19,7 +19,7 @@ Deliberately left out: dropout, sliding windows, and a varlen kernel for the pac
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -38,8 +38,7 @@ class AttnContext:
 
     cos: torch.Tensor  # [B, T, rope_dim/2]
     sin: torch.Tensor
-    # packed path: per row, [start, end) of each segment (with `shared`: of each sequence in its `expand`)
-    spans: Optional[list[list[tuple[int, int]]]] = None
+    spans: Optional[list[list[tuple[int, int]]]] = None  # packed path: per row, [start, end) of each segment
     shared: Optional[SharedPrefixRow] = None  # packed path with shared prefixes
     cache: Optional[KVCache] = None
     slots: Optional[Slots] = None  # a slice of cache rows, or [B] row indices
@@ -80,10 +79,8 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         # MLA has Dv < Dk: SDPA's flash kernel needs equal head dims and its fallback takes O(T^2)
         # memory, so v is padded with zeros and the padded output columns dropped.
         return attend(layer, q, k, F.pad(v, (0, q.shape[-1] - v_dim)), scale, ctx)[..., :v_dim]
-    if ctx.shared is not None:  # each sequence's tokens gathered into a segment of its own, and back
-        expand = ctx.shared.expand
-        out = attend(layer, q[:, expand], k[:, expand], v[:, expand], scale, replace(ctx, shared=None))
-        return out[:, ctx.shared.collect]
+    if ctx.shared is not None:
+        return attend_shared_prefix(q, k, v, scale, ctx.shared)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
     if ctx.spans is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -95,6 +92,27 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
             F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
             for qs, ks, vs in zip(*(x[b:b + 1].split(lengths, dim=2) for x in (q, k, v)))], dim=2))
     return torch.cat(rows, dim=0).transpose(1, 2)
+
+
+def attend_shared_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                         row: SharedPrefixRow) -> torch.Tensor:
+    """q [1, T, H, Dk], k [1, T, Hkv, Dk], v [1, T, Hkv, Dv] of a shared-prefix row -> [1, T, H, Dv]: each
+    prefix attends causally once, then its sequences' blocks (shared_prefix.py) attend over it and
+    their own tokens; every stored token takes its output from where `row.collect` says."""
+    gqa = q.shape[2] != k.shape[2]
+    q, k, v = q[0], k[0], v[0]  # [T, heads, D]
+    parts = []
+    for group in row.groups:
+        start, end = group.prefix
+        out = F.scaled_dot_product_attention(*(x[start:end].transpose(0, 1)[None] for x in (q, k, v)),
+                                             is_causal=True, scale=scale, enable_gqa=gqa)
+        parts.append(out[0].transpose(0, 1))  # [P, H, Dv]
+        for block in group.blocks:
+            out = F.scaled_dot_product_attention(
+                q[block.queries].transpose(1, 2), k[block.keys].transpose(1, 2), v[block.keys].transpose(1, 2),
+                attn_mask=block.mask, is_causal=block.mask is None, scale=scale, enable_gqa=gqa)  # [n, H, C, Dv]
+            parts.append(out.transpose(1, 2).flatten(0, 1))
+    return torch.cat(parts)[row.collect][None]
 
 
 class GQAttention(nn.Module):

@@ -1,45 +1,130 @@
 """A packed row in which sequences share a prefix: GRPO's G responses to one prompt read one copy of it.
 
-The row stores each shared token once. Everything in a transformer but attention works token by
-token, so it runs on the row as stored and a prompt's tokens pass through the linear layers once
-instead of G times (the trainer's forward, backward and reference pass). Attention gathers each
-sequence's tokens into a segment of its own (`expand`, laid end to end), attends causally within
-each segment (`spans`), and every stored token takes its output from the first segment that reads it
-(`collect`). Since a shared token has the same predecessors in every sequence that reads it, the
-result equals the sequences' separate forwards; the gradient reaching a shared token is the sum of
-what each sequence sends it, as it would be for separate copies.
+The row stores each prefix once, followed by the suffix of each sequence that reads it (a group).
+Everything in a transformer but attention works token by token, so it runs on the row as stored and
+a prompt's tokens pass through the linear layers once instead of G times (the trainer's forward,
+backward and reference pass). Attention (`attention.attend_shared_prefix`) runs each prefix once,
+causally, then the group's suffixes in `AttentionBlock`s that gather their queries, and as keys the
+prefix followed by their own tokens:
+- short suffixes: all of them in one batched call, padded to the longest, with a mask that shows each
+  query the prefix and its own earlier tokens (the prefix's queries are not recomputed per sequence);
+- a group whose mask would exceed `MASK_ELEMENTS`: one causal call per sequence over its whole
+  gathered sequence, of which only the suffix rows are kept (no mask, so flash kernels apply and
+  memory stays linear in the length).
+A prefix token has the same predecessors in every sequence, so the result equals the sequences'
+separate forwards; the gradient reaching a prefix token is the sum of what each sequence sends it, as
+it would be for separate copies.
 
 `repeats` says how many sequences read each stored token, so that MoE expert-load counts (and the
-bias balancing driven by them) are the same as for separate sequences.
+bias balancing driven by them) are the same as for separate sequences. `expand`, `spans` and
+`first_read` lay the sequences end to end, for backends that run whole sequences (megatron).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+Span = tuple[int, int]  # [start, end) in the stored row
+
+# Most entries an attention block's mask may have; beyond it a group's sequences run one by one. The
+# math fallback of SDPA (a mask and GQA on CUDA) materialises scores of this size times the heads.
+MASK_ELEMENTS = 1 << 22
+
+
+@dataclass
+class AttentionBlock:
+    """Sequences of one group attending in one call. queries [n, C] and keys [n, K] index the stored
+    row (padding repeats a valid index; its rows are never collected and its columns are masked);
+    mask [n, 1, C, K] True where a query sees a key, or None: causal, queries and keys the same."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    mask: Optional[torch.Tensor]
+
+
+@dataclass
+class PrefixGroup:
+    prefix: Span
+    blocks: list[AttentionBlock]
 
 
 @dataclass
 class SharedPrefixRow:
-    expand: torch.Tensor  # [N]: the stored token at each position of the sequences laid end to end
-    spans: list[tuple[int, int]]  # [start, end) of each sequence in that layout
-    collect: torch.Tensor  # [T]: the layout position whose attention output each stored token takes
+    groups: list[PrefixGroup]
+    collect: torch.Tensor  # [T]: where each stored token's attention output lies in the groups' outputs, end to end
     repeats: torch.Tensor  # [T]: how many sequences read each stored token
+    expand: torch.Tensor  # [N]: the stored token at each position of the sequences laid end to end
+    spans: list[Span]  # [start, end) of each sequence in that layout
+    first_read: torch.Tensor  # [T]: the position in that layout of each stored token's first reader
 
     @classmethod
-    def from_sequences(cls, sequences: list[list[int]], num_tokens: int, device=None) -> "SharedPrefixRow":
-        """`sequences`: each sequence's stored-token indices, in order. Every one of the `num_tokens`
-        stored tokens must be read by some sequence."""
+    def from_groups(cls, groups: list[tuple[Span, list[Span]]], num_tokens: int, device=None) -> "SharedPrefixRow":
+        """`groups`: each prefix's span with the spans of the suffixes that follow it (possibly empty).
+        The spans must cover the `num_tokens` stored tokens exactly once; a prefix must not be empty."""
+        owners = torch.zeros(num_tokens, dtype=torch.long)
+        for prefix, suffixes in groups:
+            if prefix[1] <= prefix[0]:
+                raise ValueError(f"prefix {prefix} is empty: its sequences' first tokens would have no keys")
+            for start, end in (prefix, *suffixes):
+                if not 0 <= start <= end <= num_tokens:
+                    raise ValueError(f"span {(start, end)} is outside the row's {num_tokens} tokens")
+                owners[start:end] += 1
+        if bool((owners == 0).any()):
+            raise ValueError(f"stored tokens {(owners == 0).nonzero().flatten().tolist()[:8]} are read by no sequence")
+        if bool((owners > 1).any()):
+            raise ValueError(f"stored tokens {(owners > 1).nonzero().flatten().tolist()[:8]} lie in several spans")
+
+        collect = torch.empty(num_tokens, dtype=torch.long)
+        repeats = torch.ones(num_tokens, dtype=torch.long)
+        sequences, out_groups, offset = [], [], 0
+        for (ps, pe), suffixes in groups:
+            collect[ps:pe] = torch.arange(offset, offset + pe - ps)
+            offset += pe - ps
+            repeats[ps:pe] = len(suffixes)
+            blocks = []
+            for block, placements in _blocks((ps, pe), suffixes):
+                for (s, e), row in placements:  # stored tokens s..e-1 take the block's output rows row..
+                    collect[s:e] = torch.arange(offset + row, offset + row + e - s)
+                offset += block.queries.numel()
+                blocks.append(AttentionBlock(*(None if t is None else t.to(device) for t in
+                                               (block.queries, block.keys, block.mask))))
+            sequences += [list(range(ps, pe)) + list(range(s, e)) for s, e in suffixes]
+            out_groups.append(PrefixGroup((ps, pe), blocks))
+        lengths = torch.tensor([len(seq) for seq in sequences])
+        ends = lengths.cumsum(0).tolist()
         expand = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
-        lengths = [len(seq) for seq in sequences]
-        ends = torch.tensor(lengths).cumsum(0).tolist()
-        repeats = torch.bincount(expand, minlength=num_tokens)
-        if expand.numel() and (expand.min() < 0 or expand.max() >= num_tokens):
-            raise ValueError(f"sequence token indices must lie in [0, {num_tokens})")
-        if bool((repeats == 0).any()):
-            raise ValueError(f"stored tokens {(repeats == 0).nonzero().flatten().tolist()[:8]} are read by no sequence")
         first = torch.full((num_tokens,), expand.numel(), dtype=torch.long)
-        collect = first.scatter_reduce_(0, expand, torch.arange(expand.numel()), reduce="amin")
-        spans = list(zip([0] + ends[:-1], ends))
-        return cls(expand.to(device), spans, collect.to(device), repeats.to(device))
+        first_read = first.scatter_reduce_(0, expand, torch.arange(expand.numel()), reduce="amin")
+        return cls(out_groups, collect.to(device), repeats.to(device), expand.to(device),
+                   list(zip([0] + ends[:-1], ends)), first_read.to(device))
+
+
+def _blocks(prefix: Span, suffixes: list[Span]) -> list[tuple[AttentionBlock, list[tuple[Span, int]]]]:
+    """The attention blocks of one group, each with where its suffixes' tokens find their outputs:
+    (suffix span, first output row of the block that holds its tokens)."""
+    ps, pe = prefix
+    p = pe - ps
+    suffixes = [(s, e) for s, e in suffixes if e > s]  # an empty suffix asks no query
+    widest = max((e - s for s, e in suffixes), default=0)
+    if not suffixes:
+        return []
+    if len(suffixes) * widest * (p + widest) > MASK_ELEMENTS:  # one causal call per sequence
+        out = []
+        for s, e in suffixes:
+            index = torch.cat([torch.arange(ps, pe), torch.arange(s, e)])[None]
+            out.append((AttentionBlock(index, index, None), [((s, e), p)]))
+        return out
+    pad = pe - 1  # any valid stored token: padding rows are not collected, padding columns are masked
+    queries = torch.full((len(suffixes), widest), pad, dtype=torch.long)
+    keys = torch.full((len(suffixes), p + widest), pad, dtype=torch.long)
+    keys[:, :p] = torch.arange(ps, pe)
+    for i, (s, e) in enumerate(suffixes):
+        queries[i, :e - s] = torch.arange(s, e)
+        keys[i, p:p + e - s] = torch.arange(s, e)
+    lengths = torch.tensor([e - s for s, e in suffixes])
+    own = torch.arange(p + widest) - p  # a key's position within its suffix, negative in the prefix
+    seen = (own <= torch.arange(widest)[:, None]) & (own < lengths[:, None, None])  # [n, C, K]
+    return [(AttentionBlock(queries, keys, seen[:, None]), [(span, i * widest) for i, span in enumerate(suffixes)])]

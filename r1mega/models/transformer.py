@@ -129,7 +129,7 @@ class Transformer(nn.Module):
             if position_ids is None or b != 1 or shared.collect.numel() != t:
                 raise ValueError("Transformer.forward: a shared-prefix row needs position_ids and one row of "
                                  f"the {shared.collect.numel()} tokens it describes, got {b} x {t}")
-            ctx_kw = dict(spans=[shared.spans], shared=shared)
+            ctx_kw = dict(shared=shared)
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
         h = self.embed(input_ids)  # [B, T, H]

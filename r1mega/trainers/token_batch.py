@@ -87,18 +87,21 @@ def response_hidden(model, batch: TokenBatch, device) -> torch.Tensor:
     samples with the same prompt share one copy of it (shared_prefix.py)."""
     if not all(batch.prompt_ids):
         raise ValueError("a sample has an empty prompt: its first response token has no position to be predicted at")
-    tokens, positions, sequences = [], [], [None] * len(batch)
+    tokens, positions, groups, sequences = [], [], [], [None] * len(batch)
     for members in batch.prompt_groups():
         prompt = batch.prompt_ids[members[0]]
-        prompt_index = list(range(len(tokens), len(tokens) + len(prompt)))
+        prefix = (len(tokens), len(tokens) + len(prompt))
         tokens += prompt
         positions += range(len(prompt))
+        suffixes = []
         for i in members:
             response = batch.response_ids[i, :int(batch.mask[i].sum())].tolist()
-            sequences[i] = prompt_index + list(range(len(tokens), len(tokens) + len(response)))
+            suffixes.append((len(tokens), len(tokens) + len(response)))
+            sequences[i] = list(range(*prefix)) + list(range(*suffixes[-1]))
             tokens += response
             positions += range(len(prompt), len(prompt) + len(response))
-    shared = SharedPrefixRow.from_sequences(sequences, len(tokens), device)
+        groups.append((prefix, suffixes))
+    shared = SharedPrefixRow.from_groups(groups, len(tokens), device)
     input_ids = torch.tensor(tokens, device=device)[None]
     hidden = model(input_ids, position_ids=torch.tensor(positions, device=device)[None], shared=shared,
                    return_hidden=True)[0]  # [T, H]

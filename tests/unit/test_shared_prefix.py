@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from r1mega.models import hf
+from r1mega.models import shared_prefix
 from r1mega.models.shared_prefix import SharedPrefixRow
 from r1mega.trainers.sharded_batch import ShardedRolloutBatch
 from r1mega.trainers.token_batch import TokenBatch, response_logprobs
@@ -40,7 +41,10 @@ def logprobs_alone(model, prompts, responses, *, grads: bool):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "deepseek_v3"])
-def test_shared_prompts_match_each_sample_alone(arch, tmp_path):
+@pytest.mark.parametrize("blocks", ["batched", "per_sequence"])
+def test_shared_prompts_match_each_sample_alone(arch, blocks, tmp_path, monkeypatch):
+    if blocks == "per_sequence":  # every group's mask over the limit: one causal call per sequence
+        monkeypatch.setattr(shared_prefix, "MASK_ELEMENTS", 1)
     path = make_hf_dir(arch, tmp_path / arch)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     expected, _ = logprobs_alone(reference, PROMPTS, RESPONSES, grads=False)
@@ -94,9 +98,22 @@ def test_sharded_micro_batches_deal_the_grouped_bins():
     assert ranks == [[[0, 2, 4]], [[1, 3, 5]]]
 
 
-def test_every_stored_token_must_be_read():
+def test_row_layout_and_its_refusals():
+    # prefix [0, 2) read by suffixes [2, 3) and [3, 5), prefix [5, 6) by an empty suffix and [6, 7)
+    row = SharedPrefixRow.from_groups([((0, 2), [(2, 3), (3, 5)]), ((5, 6), [(6, 6), (6, 7)])], num_tokens=7)
+    assert row.expand.tolist() == [0, 1, 2, 0, 1, 3, 4, 5, 5, 6]
+    assert row.spans == [(0, 3), (3, 7), (7, 8), (8, 10)]
+    assert row.first_read.tolist() == [0, 1, 2, 5, 6, 7, 9]
+    assert row.repeats.tolist() == [2, 2, 1, 1, 1, 2, 1]
+    first = row.groups[0].blocks[0]  # both suffixes in one block, padded to 2 queries
+    assert first.queries.tolist() == [[2, 1], [3, 4]] and first.keys.tolist() == [[0, 1, 2, 1], [0, 1, 3, 4]]
+    assert first.mask[:, 0].tolist() == [[[True, True, True, False], [True, True, True, False]],
+                                         [[True, True, True, False], [True, True, True, True]]]
+    # attention outputs end to end: prefix 0 (2 rows), block (2 x 2 rows), prefix 5 (1), block (1 x 1)
+    assert row.collect.tolist() == [0, 1, 2, 4, 5, 6, 7]
     with pytest.raises(ValueError, match=r"stored tokens \[3\] are read by no sequence"):
-        SharedPrefixRow.from_sequences([[0, 1], [0, 2]], num_tokens=4)
-    row = SharedPrefixRow.from_sequences([[0, 1, 2], [0, 1, 3]], num_tokens=4)
-    assert row.expand.tolist() == [0, 1, 2, 0, 1, 3]
-    assert row.collect.tolist() == [0, 1, 2, 5] and row.repeats.tolist() == [2, 2, 1, 1]
+        SharedPrefixRow.from_groups([((0, 2), [(2, 3)])], num_tokens=4)
+    with pytest.raises(ValueError, match=r"stored tokens \[2\] lie in several spans"):
+        SharedPrefixRow.from_groups([((0, 2), [(2, 3), (2, 4)])], num_tokens=4)
+    with pytest.raises(ValueError, match="prefix .* is empty"):
+        SharedPrefixRow.from_groups([((0, 0), [(0, 2)])], num_tokens=2)

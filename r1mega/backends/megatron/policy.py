@@ -71,7 +71,7 @@ class MegatronPolicy(nn.Module):
         with self._padding_not_counted(padding):
             hidden = hidden_states(self.model, padded)  # [sequences, width, H]
         laid_out = hidden[~padding]  # [sum of sequence lengths, H], the sequences end to end
-        return laid_out[shared.collect][None]
+        return laid_out[shared.first_read][None]
 
     @contextlib.contextmanager
     def _padding_not_counted(self, padding: torch.Tensor):
