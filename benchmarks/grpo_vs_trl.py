@@ -28,8 +28,9 @@ policy, the reference and the tokenizer from that path; r1mega loads it through 
    constant lr), grad clip 1, beta, clip epsilon, aggregation, group std scaling (eps 1e-4, as TRL), one
    mini-batch per step (on-policy), and the rule reward math_accuracy + format_r1_zero (TRL calls
    r1mega's reward functions through thin wrappers). tokens/s = (prompt + completion tokens) / step
-   wall time, over `--steps` steps after `--warmup` untimed ones; the two sides run one after the other
-   in this process with the same torch thread count. Tokens per CPU-second (process time) are printed
+   wall time, over `--steps` steps after `--warmup` untimed ones; the two sides' steps alternate in
+   this process (TRL's step, then r1mega's, from a TRL callback), with the same torch thread count, so
+   that a change in the machine's load during the run reaches both alike. Tokens per CPU-second (process time) are printed
    too: on a shared machine they move less with other people's load than wall time does (use
    --threads 1 there: oversubscribed OpenMP threads make both sides several times slower).
 
@@ -263,37 +264,43 @@ def loss_equality(model_dir: Path, rows: list[dict], work: Path, args) -> dict:
 
 
 # -------------------------------------------------------------------------------------- 2. throughput
-def r1mega_steps(cfg, args) -> tuple[list[dict], list[list[dict]]]:
-    """Times `train_step`; returns one row per timed step and the prompt rows of every step, in order."""
-    from r1mega.trainers.grpo import GRPOTrainer
+class R1megaSteps:
+    """r1mega's `GRPOTrainer`, one timed `train_step` per `step()` call. `prompt_rows`: the prompt rows of
+    every step, in order, known before the first step (TRL is given the same)."""
 
-    trainer = GRPOTrainer(cfg)
-    upcoming = copy.deepcopy(trainer.prompts)
-    prompt_rows = [[dict(r) for r in upcoming.take(args.questions)] for _ in range(args.warmup + args.steps)]
-    tokens = []
-    generate = trainer.engine.generate
+    def __init__(self, cfg, args):
+        from r1mega.trainers.grpo import GRPOTrainer
 
-    def counting_generate(prompts, sampling):  # counts the tokens the step processes
-        groups = generate(prompts, sampling)
-        tokens.append(sum(len(s.prompt_ids) + len(s.token_ids) for group in groups for s in group))
-        return groups
+        self.trainer, self.warmup = GRPOTrainer(cfg), args.warmup
+        upcoming = copy.deepcopy(self.trainer.prompts)
+        self.prompt_rows = [[dict(r) for r in upcoming.take(args.questions)] for _ in range(args.warmup + args.steps)]
+        self.rows, self.tokens = [], []
+        generate = self.trainer.engine.generate
 
-    trainer.engine.generate = counting_generate
-    out = []
-    try:
-        for trainer.step in range(args.warmup + args.steps):
-            started, cpu = time.perf_counter(), time.process_time()
-            metrics = trainer.train_step()
-            wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-            if trainer.step >= args.warmup:
-                out.append({"wall_s": wall, "cpu_s": cpu, "tokens": tokens[-1], "rollout_s": metrics["time/rollout"],
-                            "reward_mean": metrics["reward/mean"], "loss": metrics["train/loss"]})
-    finally:
-        trainer.scorer.close()
-    return out, prompt_rows
+        def counting_generate(prompts, sampling):  # counts the tokens the step processes
+            groups = generate(prompts, sampling)
+            self.tokens.append(sum(len(s.prompt_ids) + len(s.token_ids) for group in groups for s in group))
+            return groups
+
+        self.trainer.engine.generate = counting_generate
+        self.trainer.step = 0
+
+    def step(self) -> None:
+        started, cpu = time.perf_counter(), time.process_time()
+        metrics = self.trainer.train_step()
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        if self.trainer.step >= self.warmup:
+            self.rows.append({"wall_s": wall, "cpu_s": cpu, "tokens": self.tokens[-1], "rollout_s": metrics["time/rollout"],
+                              "reward_mean": metrics["reward/mean"], "loss": metrics["train/loss"]})
+        self.trainer.step += 1
+
+    def close(self) -> None:
+        self.trainer.scorer.close()
 
 
-def trl_steps(model_dir: Path, prompt_rows: list[list[dict]], work: Path, args) -> list[dict]:
+def trl_steps(model_dir: Path, prompt_rows: list[list[dict]], work: Path, args, after_step) -> list[dict]:
+    """Runs TRL's `train()` over `prompt_rows`, calling `after_step()` after each of its steps (outside
+    its timing); one row per timed step."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
@@ -313,9 +320,13 @@ def trl_steps(model_dir: Path, prompt_rows: list[list[dict]], work: Path, args) 
         def on_log(self, _args, state, control, logs=None, **kwargs):
             self.logs.append(dict(logs or {}))
 
+    class AfterStep(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            after_step()
+
     timer = StepTimer()
     rows = [r for step in prompt_rows for r in step]  # shuffle_dataset=False: read in this order
-    trainer = trl_trainer(model_dir, rows, work / "trl-e2e", args, steps=len(prompt_rows), callbacks=[timer])
+    trainer = trl_trainer(model_dir, rows, work / "trl-e2e", args, steps=len(prompt_rows), callbacks=[timer, AfterStep()])
     rollout_s = []
     generate = trainer._generate
 
@@ -345,19 +356,24 @@ def summarise(name: str, steps: list[dict]) -> dict:
 
 def throughput(model_dir: Path, work: Path, args) -> dict:
     cfg = r1mega_config(model_dir, work / "r1mega-run", args, args.warmup + args.steps)
-    ours_steps, prompt_rows = r1mega_steps(cfg, args)
-    theirs_steps = trl_steps(model_dir, prompt_rows, work, args)
-    ours, theirs = summarise("r1mega", ours_steps), summarise("trl", theirs_steps)
+    ours_run = R1megaSteps(cfg, args)
+    try:  # the steps alternate, TRL's then r1mega's: a change in the machine's load hits both sides alike
+        theirs_steps = trl_steps(model_dir, ours_run.prompt_rows, work, args, after_step=ours_run.step)
+    finally:
+        ours_run.close()
+    ours, theirs = summarise("r1mega", ours_run.rows), summarise("trl", theirs_steps)
     ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    pairs = sorted((o["tokens"] / o["wall_s"]) / (t["tokens"] / t["wall_s"]) for o, t in zip(ours_run.rows, theirs_steps))
     print(f"\n2. GRPO step throughput: Q={args.questions} x G={args.group}, {args.new_tokens} new tokens, "
-          f"{args.steps} timed step(s) after {args.warmup} warm-up, {torch.get_num_threads()} torch threads")
+          f"{args.steps} timed step(s) after {args.warmup} warm-up, steps alternating, {torch.get_num_threads()} torch threads")
     print(f"{'trainer':<8} {'step s':>8} {'rollout s':>10} {'tokens/step':>12} {'tokens/s':>10} {'tokens/cpu-s':>13}")
     for side in (ours, theirs):
         print(f"{side['name']:<8} {side['step_s_median']:8.2f} {side['rollout_s_median']:10.2f} "
               f"{side['tokens_per_step']:12.0f} {side['tokens_per_s']:10.1f} {side['tokens_per_cpu_s']:13.1f}")
     cpu_ratio = ours["tokens_per_cpu_s"] / theirs["tokens_per_cpu_s"]
-    print(f"r1mega / TRL: {ratio:.2f}x tokens/s (target >= 2x), {cpu_ratio:.2f}x tokens per CPU-second")
-    return {"r1mega": ours, "trl": theirs, "ratio": ratio, "cpu_ratio": cpu_ratio}
+    print(f"r1mega / TRL: {ratio:.2f}x tokens/s (target >= 2x), {cpu_ratio:.2f}x tokens per CPU-second; "
+          f"step pairs from {pairs[0]:.2f}x to {pairs[-1]:.2f}x")
+    return {"r1mega": ours, "trl": theirs, "ratio": ratio, "cpu_ratio": cpu_ratio, "pair_ratios": pairs}
 
 
 # -------------------------------------------------------------------------------------------- driver
