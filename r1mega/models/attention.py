@@ -97,21 +97,25 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 def attend_shared_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                          row: SharedPrefixRow) -> torch.Tensor:
     """q [1, T, H, Dk], k [1, T, Hkv, Dk], v [1, T, Hkv, Dv] of a shared-prefix row -> [1, T, H, Dv]: each
-    prefix attends causally once, then its sequences' blocks (shared_prefix.py) attend over it and
-    their own tokens; every stored token takes its output from where `row.collect` says."""
+    segment (a prefix, or a lone sequence) attends causally within itself, then the blocks of the
+    prefixes' sequences (shared_prefix.py) over their prefix and own tokens; every stored token takes
+    its output from where `row.collect` says."""
     gqa = q.shape[2] != k.shape[2]
     q, k, v = q[0], k[0], v[0]  # [T, heads, D]
-    parts = []
-    for group in row.groups:
-        start, end = group.prefix
-        out = F.scaled_dot_product_attention(*(x[start:end].transpose(0, 1)[None] for x in (q, k, v)),
-                                             is_causal=True, scale=scale, enable_gqa=gqa)
-        parts.append(out[0].transpose(0, 1))  # [P, H, Dv]
-        for block in group.blocks:
-            out = F.scaled_dot_product_attention(
-                q[block.queries].transpose(1, 2), k[block.keys].transpose(1, 2), v[block.keys].transpose(1, 2),
-                attn_mask=block.mask, is_causal=block.mask is None, scale=scale, enable_gqa=gqa)  # [n, H, C, Dv]
-            parts.append(out.transpose(1, 2).flatten(0, 1))
+    lengths = [end - start for start, end in row.segments]
+    # one gather and a split, not a slice per segment (each slice's backward would allocate a whole row)
+    gathered = (q, k, v) if row.segment_tokens is None else (x[row.segment_tokens] for x in (q, k, v))
+    segments = zip(*(x.transpose(0, 1).split(lengths, dim=1) for x in gathered))
+    out = torch.cat([F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scale,
+                                                    enable_gqa=gqa)[0] for qs, ks, vs in segments], dim=1)
+    if row.segment_tokens is None and not row.blocks:  # the segments tile the row: outputs already in place
+        return out.transpose(0, 1)[None]
+    parts = [out.transpose(0, 1)]  # [sum of segment lengths, H, Dv]
+    for block in row.blocks:
+        out = F.scaled_dot_product_attention(
+            q[block.queries].transpose(1, 2), k[block.keys].transpose(1, 2), v[block.keys].transpose(1, 2),
+            attn_mask=block.mask, is_causal=block.mask is None, scale=scale, enable_gqa=gqa)  # [n, H, C, Dv]
+        parts.append(out.transpose(1, 2).flatten(0, 1))
     return torch.cat(parts)[row.collect][None]
 
 

@@ -4,8 +4,8 @@ The row stores each prefix once, followed by the suffix of each sequence that re
 Everything in a transformer but attention works token by token, so it runs on the row as stored and
 a prompt's tokens pass through the linear layers once instead of G times (the trainer's forward,
 backward and reference pass). Attention (`attention.attend_shared_prefix`) runs each prefix once,
-causally, then the group's suffixes in `AttentionBlock`s that gather their queries, and as keys the
-prefix followed by their own tokens:
+causally (as one `segment`, like a lone sequence stored in one piece), then the group's suffixes in
+`AttentionBlock`s that gather their queries, and as keys the prefix followed by their own tokens:
 - short suffixes: all of them in one batched call, padded to the longest, with a mask that shows each
   query the prefix and its own earlier tokens (the prefix's queries are not recomputed per sequence);
 - a group whose mask would exceed `MASK_ELEMENTS`: one causal call per sequence over its whole
@@ -46,15 +46,11 @@ class AttentionBlock:
 
 
 @dataclass
-class PrefixGroup:
-    prefix: Span
-    blocks: list[AttentionBlock]
-
-
-@dataclass
 class SharedPrefixRow:
-    groups: list[PrefixGroup]
-    collect: torch.Tensor  # [T]: where each stored token's attention output lies in the groups' outputs, end to end
+    segments: list[Span]  # runs of stored tokens that attend causally within themselves: prefixes, lone sequences
+    segment_tokens: Optional[torch.Tensor]  # [sum of their lengths]: their stored tokens, end to end (None: all, in order)
+    blocks: list[AttentionBlock]  # the suffixes of groups of several sequences
+    collect: torch.Tensor  # [T]: where each stored token's attention output lies (segments', then blocks' rows)
     repeats: torch.Tensor  # [T]: how many sequences read each stored token
     expand: torch.Tensor  # [N]: the stored token at each position of the sequences laid end to end
     spans: list[Span]  # [start, end) of each sequence in that layout
@@ -77,29 +73,37 @@ class SharedPrefixRow:
         if bool((owners > 1).any()):
             raise ValueError(f"stored tokens {(owners > 1).nonzero().flatten().tolist()[:8]} lie in several spans")
 
-        collect = torch.empty(num_tokens, dtype=torch.long)
         repeats = torch.ones(num_tokens, dtype=torch.long)
-        sequences, out_groups, offset = [], [], 0
+        segments, blocks, sequences = [], [], []
         for (ps, pe), suffixes in groups:
-            collect[ps:pe] = torch.arange(offset, offset + pe - ps)
-            offset += pe - ps
             repeats[ps:pe] = len(suffixes)
-            blocks = []
-            for block, placements in _blocks((ps, pe), suffixes):
-                for (s, e), row in placements:  # stored tokens s..e-1 take the block's output rows row..
-                    collect[s:e] = torch.arange(offset + row, offset + row + e - s)
-                offset += block.queries.numel()
-                blocks.append(AttentionBlock(*(None if t is None else t.to(device) for t in
-                                               (block.queries, block.keys, block.mask))))
             sequences += [list(range(ps, pe)) + list(range(s, e)) for s, e in suffixes]
-            out_groups.append(PrefixGroup((ps, pe), blocks))
+            if len(suffixes) == 1 and suffixes[0][0] == pe:  # a lone sequence stored in one piece: plain causal
+                segments.append((ps, suffixes[0][1]))
+            else:
+                segments.append((ps, pe))
+                blocks += _blocks((ps, pe), suffixes)
+        collect, offset = torch.empty(num_tokens, dtype=torch.long), 0
+        for start, end in segments:
+            collect[start:end] = torch.arange(offset, offset + end - start)
+            offset += end - start
+        for block, placements in blocks:
+            for (start, end), row in placements:  # stored tokens start..end-1 take the block's output rows row..
+                collect[start:end] = torch.arange(offset + row, offset + row + end - start)
+            offset += block.queries.numel()
         lengths = torch.tensor([len(seq) for seq in sequences])
         ends = lengths.cumsum(0).tolist()
         expand = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
         first = torch.full((num_tokens,), expand.numel(), dtype=torch.long)
         first_read = first.scatter_reduce_(0, expand, torch.arange(expand.numel()), reduce="amin")
-        return cls(out_groups, collect.to(device), repeats.to(device), expand.to(device),
-                   list(zip([0] + ends[:-1], ends)), first_read.to(device))
+        segment_tokens = torch.cat([torch.arange(start, end) for start, end in segments])
+        if torch.equal(segment_tokens, torch.arange(num_tokens)):  # no gather needed (SFT: every prompt alone)
+            segment_tokens = None
+        return cls(segments, None if segment_tokens is None else segment_tokens.to(device),
+                   [AttentionBlock(*(None if t is None else t.to(device) for t in (b.queries, b.keys, b.mask)))
+                    for b, _ in blocks],
+                   collect.to(device), repeats.to(device), expand.to(device), list(zip([0] + ends[:-1], ends)),
+                   first_read.to(device))
 
 
 def _blocks(prefix: Span, suffixes: list[Span]) -> list[tuple[AttentionBlock, list[tuple[Span, int]]]]:

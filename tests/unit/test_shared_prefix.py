@@ -41,18 +41,21 @@ def logprobs_alone(model, prompts, responses, *, grads: bool):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "deepseek_v3"])
-@pytest.mark.parametrize("blocks", ["batched", "per_sequence"])
-def test_shared_prompts_match_each_sample_alone(arch, blocks, tmp_path, monkeypatch):
-    if blocks == "per_sequence":  # every group's mask over the limit: one causal call per sequence
+@pytest.mark.parametrize("layout", ["batched", "per_sequence", "distinct_prompts"])
+def test_shared_prompts_match_each_sample_alone(arch, layout, tmp_path, monkeypatch):
+    prompts = PROMPTS
+    if layout == "per_sequence":  # every group's mask over the limit: one causal call per sequence
         monkeypatch.setattr(shared_prefix, "MASK_ELEMENTS", 1)
+    if layout == "distinct_prompts":  # no prompt shared (SFT): the row is plain causal segments
+        prompts = [prompt + [40 + i] for i, prompt in enumerate(PROMPTS)]
     path = make_hf_dir(arch, tmp_path / arch)
     reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    expected, _ = logprobs_alone(reference, PROMPTS, RESPONSES, grads=False)
+    expected, _ = logprobs_alone(reference, prompts, RESPONSES, grads=False)
     model, _ = hf.load(path)
-    _, expected_grads = logprobs_alone(model, PROMPTS, RESPONSES, grads=True)  # the unpacked path
+    _, expected_grads = logprobs_alone(model, prompts, RESPONSES, grads=True)  # the unpacked path
 
     model.zero_grad(set_to_none=True)
-    batch = TokenBatch(PROMPTS, *TokenBatch.pad(RESPONSES))
+    batch = TokenBatch(prompts, *TokenBatch.pad(RESPONSES))
     logp = response_logprobs(model, batch, temperature=1.0, device="cpu")
     torch.testing.assert_close(logp.detach(), expected, atol=2e-5, rtol=0)
     logp.sum().backward()
@@ -105,12 +108,18 @@ def test_row_layout_and_its_refusals():
     assert row.spans == [(0, 3), (3, 7), (7, 8), (8, 10)]
     assert row.first_read.tolist() == [0, 1, 2, 5, 6, 7, 9]
     assert row.repeats.tolist() == [2, 2, 1, 1, 1, 2, 1]
-    first = row.groups[0].blocks[0]  # both suffixes in one block, padded to 2 queries
+    # each prefix is a segment of its own; the first group's two suffixes make one block padded to 2 queries,
+    # the second group's non-empty one a block of its own (its group has two sequences)
+    assert row.segments == [(0, 2), (5, 6)] and row.segment_tokens.tolist() == [0, 1, 5]
+    first = row.blocks[0]
     assert first.queries.tolist() == [[2, 1], [3, 4]] and first.keys.tolist() == [[0, 1, 2, 1], [0, 1, 3, 4]]
     assert first.mask[:, 0].tolist() == [[[True, True, True, False], [True, True, True, False]],
                                          [[True, True, True, False], [True, True, True, True]]]
-    # attention outputs end to end: prefix 0 (2 rows), block (2 x 2 rows), prefix 5 (1), block (1 x 1)
-    assert row.collect.tolist() == [0, 1, 2, 4, 5, 6, 7]
+    # attention outputs end to end: segments (3 rows), block 1 (2 x 2 rows), block 2 (1 x 1)
+    assert row.collect.tolist() == [0, 1, 3, 5, 6, 2, 7]
+    lone = SharedPrefixRow.from_groups([((0, 2), [(2, 4)]), ((4, 5), [(5, 5)])], num_tokens=5)
+    assert lone.segments == [(0, 4), (4, 5)] and lone.segment_tokens is None and lone.blocks == []
+    assert lone.collect.tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match=r"stored tokens \[3\] are read by no sequence"):
         SharedPrefixRow.from_groups([((0, 2), [(2, 3)])], num_tokens=4)
     with pytest.raises(ValueError, match=r"stored tokens \[2\] lie in several spans"):
