@@ -112,9 +112,9 @@ def _blocks(prefix: Span, suffixes: list[Span]) -> list[tuple[AttentionBlock, li
     ps, pe = prefix
     p = pe - ps
     suffixes = [(s, e) for s, e in suffixes if e > s]  # an empty suffix asks no query
-    widest = max((e - s for s, e in suffixes), default=0)
     if not suffixes:
         return []
+    widest = max(e - s for s, e in suffixes)
     if len(suffixes) * widest * (p + widest) > MASK_ELEMENTS:  # one causal call per sequence
         out = []
         for s, e in suffixes:
