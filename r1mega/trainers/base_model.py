@@ -25,7 +25,7 @@ from r1mega.models import Transformer, preset
 from r1mega.models.checkpoint import is_native, load_native, save_native
 from r1mega.trainers.sft import train_sft
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the SFT schedule is the trainer's (cosine after the warm-up)
 
 
 def _examples(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int):

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from r1mega.trainers.schedule import lr_factor
 from r1mega.trainers.token_batch import TokenBatch, response_logprobs
 
 
@@ -41,13 +42,10 @@ def sft_step(model, optimizer, batch: TokenBatch, *, token_budget: int, grad_cli
     return total
 
 
-def _lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
-    ramp = min(1.0, (step + 1) / warmup)
-    if schedule == "constant":
-        return ramp
-    if schedule == "cosine":
-        return ramp * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))
-    raise ValueError(f"unknown SFT schedule {schedule!r} (expected 'cosine' or 'constant')")
+def _lr_schedule(steps: int, warmup_steps: int | None, kind: str):
+    """The learning-rate multiplier by step; warm-up `warmup_steps` (None: 5% of the steps, at least 1)."""
+    warmup = max(1, steps // 20 if warmup_steps is None else warmup_steps)
+    return lambda step: lr_factor(step, warmup_steps=warmup, total_steps=steps, kind=kind)
 
 
 def train_sft(model, examples: Sequence[tuple[list[int], list[int]]], *, steps: int, batch_size: int, lr: float,
@@ -58,9 +56,9 @@ def train_sft(model, examples: Sequence[tuple[list[int], list[int]]], *, steps: 
     if not examples:
         raise ValueError("no SFT examples")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
-    warmup = max(1, steps // 20 if warmup_steps is None else warmup_steps)
-    _lr_factor(0, steps, warmup, schedule)  # an unknown schedule fails before any work
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup, schedule))
+    factor = _lr_schedule(steps, warmup_steps, schedule)
+    factor(0)  # an unknown schedule fails before any work
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     order, rng, losses = [], random.Random(seed), []
     model.train()
     for step in range(steps):
@@ -114,9 +112,9 @@ def fine_tune(model, rows: Sequence[Mapping[str, Any]], tokenizer, *, template, 
     losses = train_sft(model, examples, steps=steps, batch_size=batch_size, lr=lr, token_budget=token_budget,
                        seed=seed, device=device, log_every=log_every, schedule=schedule, warmup_steps=warmup_steps)
     logger = MetricsLogger(out_dir, tensorboard=False)
-    warmup = max(1, steps // 20 if warmup_steps is None else warmup_steps)
+    factor = _lr_schedule(steps, warmup_steps, schedule)
     for step, loss in enumerate(losses):
-        logger.log(step, {"sft/loss": loss, "lr": lr * _lr_factor(step, steps, warmup, schedule)})
+        logger.log(step, {"sft/loss": loss, "lr": lr * factor(step)})
     logger.close()
     model.eval()
     path = Path(out_dir) / "model"

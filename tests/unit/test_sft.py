@@ -17,7 +17,8 @@ from r1mega.pipeline.rejection import RejectionSettings, rejection_sample, write
 from r1mega.rewards import ScoringPool
 from r1mega.rollout.engine import SamplingParams
 from r1mega.rollout.native import NativeEngine
-from r1mega.trainers.sft import _lr_factor, fine_tune, sft_examples, train_sft
+from r1mega.trainers.schedule import lr_factor
+from r1mega.trainers.sft import fine_tune, sft_examples, train_sft
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +46,14 @@ def test_sft_examples_render_templates_and_close_with_eos(tokenizer):
     assert len(sft_examples(rows, tokenizer, r1, max_len=len(p1) + len(r1_ids))) == 1
 
 
-def test_default_schedule_is_warmup_then_cosine():
+def test_schedule_is_warmup_then_cosine_to_zero():
     steps, warmup = 40, 2
     for s in range(steps):
-        reference = min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-        assert _lr_factor(s, steps, warmup, "cosine") == pytest.approx(reference)
-        assert _lr_factor(s, steps, warmup, "constant") == min(1.0, (s + 1) / warmup)
+        ramp = (s + 1) / warmup
+        cosine = 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup)))
+        assert lr_factor(s, warmup_steps=warmup, total_steps=steps, kind="cosine") == pytest.approx(
+            ramp if s < warmup else cosine)
+        assert lr_factor(s, warmup_steps=warmup, total_steps=steps, kind="constant") == min(1.0, ramp)
     with pytest.raises(ValueError, match="schedule"):
         train_sft(tiny_model(16), [([1], [2])], steps=1, batch_size=1, lr=1e-3, schedule="linear")
 
