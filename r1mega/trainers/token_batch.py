@@ -57,7 +57,7 @@ class TokenBatch:
 
     def micro_batches(self, token_budget: int) -> list[list[int]]:
         """Indices of the samples in each micro-batch: whole sequences (prompt + response tokens, what
-        bounds memory: attention runs per sequence, and megatron runs every sequence whole) packed
+        bounds memory: attention gathers the keys of every sequence whole, and megatron runs it whole) packed
         first-fit-decreasing up to the token budget, a prompt's samples kept together as far as they
         fit, so that they share it (`response_hidden`). A sample longer than the budget is alone."""
         lengths = self.lengths()
