@@ -105,16 +105,22 @@ def attend_shared_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     lengths = [end - start for start, end in row.segments]
     # one gather and a split, not a slice per segment (each slice's backward would allocate a whole row)
     gathered = (q, k, v) if row.segment_tokens is None else (x[row.segment_tokens] for x in (q, k, v))
-    segments = zip(*(x.transpose(0, 1).split(lengths, dim=1) for x in gathered))
+    segments = list(zip(*(x.transpose(0, 1).split(lengths, dim=1) for x in gathered)))  # [heads, L, D] each
     out = torch.cat([F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scale,
                                                     enable_gqa=gqa)[0] for qs, ks, vs in segments], dim=1)
     if row.segment_tokens is None and not row.blocks:  # the segments tile the row: outputs already in place
         return out.transpose(0, 1)[None]
     parts = [out.transpose(0, 1)]  # [sum of segment lengths, H, Dv]
     for block in row.blocks:
-        out = F.scaled_dot_product_attention(
-            q[block.queries].transpose(1, 2), k[block.keys].transpose(1, 2), v[block.keys].transpose(1, 2),
-            attn_mask=block.mask, is_causal=block.mask is None, scale=scale, enable_gqa=gqa)  # [n, H, C, Dv]
+        n = block.tokens.shape[0]
+        # the prefix's keys and values are shared by expand (its backward sums the sequences' gradients
+        # in one fixed order, unlike a gather with repeated indices), the own tokens gathered
+        prefix_q, prefix_k, prefix_v = (x[None].expand(n, *x.shape) for x in segments[block.segment])
+        own_q, own_k, own_v = (x[block.tokens].transpose(1, 2) for x in (q, k, v))  # [n, heads, C, D]
+        keys, values = torch.cat([prefix_k, own_k], dim=2), torch.cat([prefix_v, own_v], dim=2)
+        queries = own_q if block.mask is not None else torch.cat([prefix_q, own_q], dim=2)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=block.mask, is_causal=block.mask is None,
+                                             scale=scale, enable_gqa=gqa)  # [n, H, rows, Dv]
         parts.append(out.transpose(1, 2).flatten(0, 1))
     return torch.cat(parts)[row.collect][None]
 

@@ -36,13 +36,16 @@ MASK_ELEMENTS = 1 << 22
 
 @dataclass
 class AttentionBlock:
-    """Sequences of one group attending in one call. queries [n, C] and keys [n, K] index the stored
-    row (padding repeats a valid index; its rows are never collected and its columns are masked);
-    mask [n, 1, C, K] True where a query sees a key, or None: causal, queries and keys the same."""
+    """Sequences of one group attending in one call, over their prefix (the row's segment `segment`,
+    whose keys the sequences share by `expand`) and their own tokens `tokens` [n, C] (indices into the
+    stored row, padded with a valid index: padding rows are never collected, padding columns masked).
+    mask [n, 1, C, P + C]: True where an own token's query sees a key; None: one sequence whose
+    queries are its prefix's and its own, causal (its output rows past the prefix are collected)."""
 
-    queries: torch.Tensor
-    keys: torch.Tensor
+    segment: int
+    tokens: torch.Tensor
     mask: Optional[torch.Tensor]
+    output_rows: int  # its queries: n x C with a mask, prefix + own tokens without
 
 
 @dataclass
@@ -82,7 +85,7 @@ class SharedPrefixRow:
                 segments.append((ps, suffixes[0][1]))
             else:
                 segments.append((ps, pe))
-                blocks += _blocks((ps, pe), suffixes)
+                blocks += _blocks(len(segments) - 1, (ps, pe), suffixes)
         collect, offset = torch.empty(num_tokens, dtype=torch.long), 0
         for start, end in segments:
             collect[start:end] = torch.arange(offset, offset + end - start)
@@ -90,7 +93,7 @@ class SharedPrefixRow:
         for block, placements in blocks:
             for (start, end), row in placements:  # stored tokens start..end-1 take the block's output rows row..
                 collect[start:end] = torch.arange(offset + row, offset + row + end - start)
-            offset += block.queries.numel()
+            offset += block.output_rows
         lengths = torch.tensor([len(seq) for seq in sequences])
         ends = lengths.cumsum(0).tolist()
         expand = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
@@ -100,15 +103,15 @@ class SharedPrefixRow:
         if torch.equal(segment_tokens, torch.arange(num_tokens)):  # no gather needed (SFT: every prompt alone)
             segment_tokens = None
         return cls(segments, None if segment_tokens is None else segment_tokens.to(device),
-                   [AttentionBlock(*(None if t is None else t.to(device) for t in (b.queries, b.keys, b.mask)))
-                    for b, _ in blocks],
+                   [AttentionBlock(b.segment, b.tokens.to(device), None if b.mask is None else b.mask.to(device),
+                                   b.output_rows) for b, _ in blocks],
                    collect.to(device), repeats.to(device), expand.to(device), list(zip([0] + ends[:-1], ends)),
                    first_read.to(device))
 
 
-def _blocks(prefix: Span, suffixes: list[Span]) -> list[tuple[AttentionBlock, list[tuple[Span, int]]]]:
-    """The attention blocks of one group, each with where its suffixes' tokens find their outputs:
-    (suffix span, first output row of the block that holds its tokens)."""
+def _blocks(segment: int, prefix: Span, suffixes: list[Span]) -> list[tuple[AttentionBlock, list[tuple[Span, int]]]]:
+    """The attention blocks of one group (its prefix the row's segment `segment`), each with where its
+    suffixes' tokens find their outputs: (suffix span, first output row of the block that holds them)."""
     ps, pe = prefix
     p = pe - ps
     suffixes = [(s, e) for s, e in suffixes if e > s]  # an empty suffix asks no query
@@ -116,19 +119,13 @@ def _blocks(prefix: Span, suffixes: list[Span]) -> list[tuple[AttentionBlock, li
         return []
     widest = max(e - s for s, e in suffixes)
     if len(suffixes) * widest * (p + widest) > MASK_ELEMENTS:  # one causal call per sequence
-        out = []
-        for s, e in suffixes:
-            index = torch.cat([torch.arange(ps, pe), torch.arange(s, e)])[None]
-            out.append((AttentionBlock(index, index, None), [((s, e), p)]))
-        return out
-    pad = pe - 1  # any valid stored token: padding rows are not collected, padding columns are masked
-    queries = torch.full((len(suffixes), widest), pad, dtype=torch.long)
-    keys = torch.full((len(suffixes), p + widest), pad, dtype=torch.long)
-    keys[:, :p] = torch.arange(ps, pe)
+        return [(AttentionBlock(segment, torch.arange(s, e)[None], None, p + e - s), [((s, e), p)])
+                for s, e in suffixes]
+    tokens = torch.full((len(suffixes), widest), pe - 1, dtype=torch.long)
     for i, (s, e) in enumerate(suffixes):
-        queries[i, :e - s] = torch.arange(s, e)
-        keys[i, p:p + e - s] = torch.arange(s, e)
+        tokens[i, :e - s] = torch.arange(s, e)
     lengths = torch.tensor([e - s for s, e in suffixes])
     own = torch.arange(p + widest) - p  # a key's position within its suffix, negative in the prefix
-    seen = (own <= torch.arange(widest)[:, None]) & (own < lengths[:, None, None])  # [n, C, K]
-    return [(AttentionBlock(queries, keys, seen[:, None]), [(span, i * widest) for i, span in enumerate(suffixes)])]
+    seen = (own <= torch.arange(widest)[:, None]) & (own < lengths[:, None, None])  # [n, C, P + C]
+    block = AttentionBlock(segment, tokens, seen[:, None], tokens.numel())
+    return [(block, [(span, i * widest) for i, span in enumerate(suffixes)])]

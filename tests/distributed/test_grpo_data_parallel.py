@@ -18,9 +18,9 @@ measured after 3 steps): rel 5e-5. The loss nearly cancels (advantages have zero
 its error is relative to its O(1) terms: abs 1e-6. The engine's logprobs depend on the generation batch
 (each rank generates fewer prompts), so the logprob mismatch is compared to a few fp32 ulps of a
 logprob (abs 1e-5). Tensor and expert parallelism only change the order of fp32 additions too (the
-row-parallel all-reduce, the experts' rows sent and gathered over the ep group): over 4 steps the
-largest relative differences measured were 5e-6 (gradient norm, KL, ratio extremes) and the loss's
-absolute one 2e-7, for dp=2, tp=2, ep=2 and tp=2 x ep=2 alike. The bugs this guards against are O(1):
+row-parallel all-reduce, the experts' rows sent and gathered over the ep group), but Adam passes some of
+that on amplified (see CALM): they run at lr 3e-4, where over 4 steps the largest relative difference
+measured for tp=2 was 7e-5 (the KL) and the loss's absolute one 2e-7: rel 1e-4. The bugs this guards against are O(1):
 ranks drawing different prompts change the rewards; a loss normalised by local counts doubles the
 gradient at 2 ranks, averaging instead of summing the ranks' gradients halves it; a gradient norm that
 counts a replicated gradient once per rank grows by sqrt(2).
@@ -52,8 +52,9 @@ pytestmark = pytest.mark.distributed
 WORKER = str(Path(__file__).with_name("grpo_worker.py"))
 MEGATRON_WORKER = str(Path(__file__).with_name("megatron_grpo_worker.py"))
 ROOT = str(Path(__file__).resolve().parents[2])
+# A constant learning rate: the resume test stops a run by its step count, which a cosine schedule depends on.
 ARGS = ["model.init=random", "data.train_size=64", "data.test_size=6", "algo.questions_per_step=4",
-        "algo.group_size=4", "algo.mini_batches=2", "algo.lr=3e-3", "algo.beta=0.1",
+        "algo.group_size=4", "algo.mini_batches=2", "algo.lr=3e-3", "algo.schedule=constant", "algo.beta=0.1",
         "rollout.max_new_tokens=[[0,8]]", "train.cpu_threads=1", "train.progress=false", "train.tensorboard=false",
         "train.eval_every=4", "train.save_every=2"]
 TIMING = ("time/", "throughput/", "reward/score_time_s")
@@ -82,7 +83,7 @@ def _rows(out_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
 
 
-def _assert_same(expected: list[dict], got: list[dict], exact: bool = False) -> None:
+def _assert_same(expected: list[dict], got: list[dict], exact: bool = False, rel: float = 5e-5) -> None:
     assert [r["step"] for r in got] == [r["step"] for r in expected]
     for want, row in zip(expected, got):
         assert set(row) == set(want), set(row) ^ set(want)
@@ -92,7 +93,7 @@ def _assert_same(expected: list[dict], got: list[dict], exact: bool = False) -> 
             elif key.startswith("rollout/"):
                 ok = math.isclose(row[key], value, rel_tol=0, abs_tol=1e-5)
             else:
-                ok = math.isclose(row[key], value, rel_tol=5e-5, abs_tol=1e-6 if key == "train/loss" else 0)
+                ok = math.isclose(row[key], value, rel_tol=rel, abs_tol=1e-6 if key == "train/loss" else 0)
             assert ok, f"step {want['step']} {key}: expected {value}, got {row[key]}"
 
 
@@ -117,12 +118,25 @@ def test_two_processes_match_one(straight):
     _assert_distributed_checkpoint(straight / "two")
 
 
+# Adam turns fp32 noise in nearly cancelling gradient elements (a group's advantages sum to zero) into
+# steps of the full learning rate. At the lr of the other runs, 3e-3, tp=2 drifted from one process to
+# 8e-5 (relative) at step 0 and past a routing tie by step 2; at 3e-4 it stays within 7e-5.
+CALM = ("train.steps=4", "algo.lr=3e-4")
+
+
+@pytest.fixture(scope="module")
+def calm_one(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo_calm")
+    _run(root, 1, *CALM)
+    return root
+
+
 @pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"],
                                     pytest.param(["parallel.tp=2", "parallel.ep=2"], marks=pytest.mark.slow)],
                          ids=["tp2", "ep2", "tp2_ep2"])
-def test_tensor_and_expert_parallel_match_one_process(straight, tmp_path, layout):
-    _run(tmp_path, 2, "train.steps=4", *layout)
-    _assert_same(_rows(straight / "one"), _rows(tmp_path))
+def test_tensor_and_expert_parallel_match_one_process(calm_one, tmp_path, layout):
+    _run(tmp_path, 2, *CALM, *layout)
+    _assert_same(_rows(calm_one), _rows(tmp_path), rel=1e-4)
     _assert_distributed_checkpoint(tmp_path)
 
 

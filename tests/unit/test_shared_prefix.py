@@ -112,7 +112,7 @@ def test_row_layout_and_its_refusals():
     # the second group's non-empty one a block of its own (its group has two sequences)
     assert row.segments == [(0, 2), (5, 6)] and row.segment_tokens.tolist() == [0, 1, 5]
     first = row.blocks[0]
-    assert first.queries.tolist() == [[2, 1], [3, 4]] and first.keys.tolist() == [[0, 1, 2, 1], [0, 1, 3, 4]]
+    assert first.segment == 0 and first.tokens.tolist() == [[2, 1], [3, 4]] and first.output_rows == 4
     assert first.mask[:, 0].tolist() == [[[True, True, True, False], [True, True, True, False]],
                                          [[True, True, True, False], [True, True, True, True]]]
     # attention outputs end to end: segments (3 rows), block 1 (2 x 2 rows), block 2 (1 x 1)
