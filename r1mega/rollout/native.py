@@ -19,8 +19,10 @@
 Deliberately left out: CUDA graphs / torch.compile of the decode step (on a CPU, torch.compile of the
 decode forward broke its graph at the MoE's per-expert loop, recompiled as lengths grew, and ran no
 faster than eager; CUDA graphs, with batch buckets and a fixed cache length, wait for a GPU to be
-measured on), prefix sharing across different prompts, speculative decoding, preemption (a sample
-keeps its slot until it finishes, so max_len must hold prompt + max_new_tokens).
+measured on), cascade attention over a group's shared prompt in decode (on a CPU its extra gathers cost
+more than the cache reads it saves: 121 vs 94 ms for a 4 x 8-sample rollout's attention), prefix
+sharing across different prompts, speculative decoding, preemption (a sample keeps its slot until it
+finishes, so max_len must hold prompt + max_new_tokens).
 """
 
 from __future__ import annotations
