@@ -120,7 +120,8 @@ def test_two_processes_match_one(straight):
 
 # Adam turns fp32 noise in nearly cancelling gradient elements (a group's advantages sum to zero) into
 # steps of the full learning rate. At the lr of the other runs, 3e-3, tp=2 drifted from one process to
-# 8e-5 (relative) at step 0 and past a routing tie by step 2; at 3e-4 it stays within 7e-5.
+# 8e-5 (relative) at step 0 and past a routing tie by step 2 (with Adam's eps raised from 1e-8 to 1e-5,
+# which damps those elements, step 0 differed by 5e-7); at 3e-4 it stays within 7e-5.
 CALM = ("train.steps=4", "algo.lr=3e-4")
 
 
