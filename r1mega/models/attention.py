@@ -108,7 +108,7 @@ def attend_shared_prefix(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     segments = list(zip(*(x.transpose(0, 1).split(lengths, dim=1) for x in gathered)))  # [heads, L, D] each
     out = torch.cat([F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scale,
                                                     enable_gqa=gqa)[0] for qs, ks, vs in segments], dim=1)
-    if row.segment_tokens is None and not row.blocks:  # the segments tile the row: outputs already in place
+    if row.segment_tokens is None:  # the segments tile the row (so there are no blocks): outputs in place
         return out.transpose(0, 1)[None]
     parts = [out.transpose(0, 1)]  # [sum of segment lengths, H, Dv]
     for block in row.blocks:
