@@ -30,9 +30,10 @@ policy, the reference and the tokenizer from that path; r1mega loads it through 
    r1mega's reward functions through thin wrappers). tokens/s = (prompt + completion tokens) / step
    wall time, over `--steps` steps after `--warmup` untimed ones; the two sides' steps alternate in
    this process (TRL's step, then r1mega's, from a TRL callback), with the same torch thread count, so
-   that a change in the machine's load during the run reaches both alike. Tokens per CPU-second (process time) are printed
-   too: on a shared machine they move less with other people's load than wall time does (use
-   --threads 1 there: oversubscribed OpenMP threads make both sides several times slower).
+   that a change in the machine's load during the run reaches both alike. Tokens per CPU-second
+   (process time) are printed too: on a shared machine they move less with other people's load than
+   wall time does (use --threads 1 there: oversubscribed OpenMP threads make both sides several times
+   slower).
 
 What a step does differs where the implementations do: both take the old logprobs from the loss
 forward (on-policy); r1mega packs sequences without padding, runs each prompt through the model once

@@ -76,16 +76,14 @@ class SharedPrefixRow:
         if bool((owners > 1).any()):
             raise ValueError(f"stored tokens {(owners > 1).nonzero().flatten().tolist()[:8]} lie in several spans")
 
-        repeats = torch.ones(num_tokens, dtype=torch.long)
         segments, blocks, sequences = [], [], []
         for (ps, pe), suffixes in groups:
-            repeats[ps:pe] = len(suffixes)
             sequences += [list(range(ps, pe)) + list(range(s, e)) for s, e in suffixes]
             if len(suffixes) == 1 and suffixes[0][0] == pe:  # a lone sequence stored in one piece: plain causal
                 segments.append((ps, suffixes[0][1]))
             else:
                 segments.append((ps, pe))
-                blocks += _blocks(len(segments) - 1, (ps, pe), suffixes)
+                blocks += _blocks(len(segments) - 1, (ps, pe), suffixes, device)
         collect, offset = torch.empty(num_tokens, dtype=torch.long), 0
         for start, end in segments:
             collect[start:end] = torch.arange(offset, offset + end - start)
@@ -99,17 +97,17 @@ class SharedPrefixRow:
         expand = torch.tensor([t for seq in sequences for t in seq], dtype=torch.long)
         first = torch.full((num_tokens,), expand.numel(), dtype=torch.long)
         first_read = first.scatter_reduce_(0, expand, torch.arange(expand.numel()), reduce="amin")
+        repeats = torch.bincount(expand, minlength=num_tokens)
         segment_tokens = torch.cat([torch.arange(start, end) for start, end in segments])
         if torch.equal(segment_tokens, torch.arange(num_tokens)):  # no gather needed (SFT: every prompt alone)
             segment_tokens = None
-        return cls(segments, None if segment_tokens is None else segment_tokens.to(device),
-                   [AttentionBlock(b.segment, b.tokens.to(device), None if b.mask is None else b.mask.to(device),
-                                   b.output_rows) for b, _ in blocks],
+        return cls(segments, None if segment_tokens is None else segment_tokens.to(device), [b for b, _ in blocks],
                    collect.to(device), repeats.to(device), expand.to(device), list(zip([0] + ends[:-1], ends)),
                    first_read.to(device))
 
 
-def _blocks(segment: int, prefix: Span, suffixes: list[Span]) -> list[tuple[AttentionBlock, list[tuple[Span, int]]]]:
+def _blocks(segment: int, prefix: Span, suffixes: list[Span],
+            device=None) -> list[tuple[AttentionBlock, list[tuple[Span, int]]]]:
     """The attention blocks of one group (its prefix the row's segment `segment`), each with where its
     suffixes' tokens find their outputs: (suffix span, first output row of the block that holds them)."""
     ps, pe = prefix
@@ -119,7 +117,7 @@ def _blocks(segment: int, prefix: Span, suffixes: list[Span]) -> list[tuple[Atte
         return []
     widest = max(e - s for s, e in suffixes)
     if len(suffixes) * widest * (p + widest) > MASK_ELEMENTS:  # one causal call per sequence
-        return [(AttentionBlock(segment, torch.arange(s, e)[None], None, p + e - s), [((s, e), p)])
+        return [(AttentionBlock(segment, torch.arange(s, e, device=device)[None], None, p + e - s), [((s, e), p)])
                 for s, e in suffixes]
     tokens = torch.full((len(suffixes), widest), pe - 1, dtype=torch.long)
     for i, (s, e) in enumerate(suffixes):
@@ -127,5 +125,5 @@ def _blocks(segment: int, prefix: Span, suffixes: list[Span]) -> list[tuple[Atte
     lengths = torch.tensor([e - s for s, e in suffixes])
     own = torch.arange(p + widest) - p  # a key's position within its suffix, negative in the prefix
     seen = (own <= torch.arange(widest)[:, None]) & (own < lengths[:, None, None])  # [n, C, P + C]
-    block = AttentionBlock(segment, tokens, seen[:, None], tokens.numel())
+    block = AttentionBlock(segment, tokens.to(device), seen[:, None].to(device), tokens.numel())
     return [(block, [(span, i * widest) for i, span in enumerate(suffixes)])]

@@ -87,7 +87,7 @@ def response_hidden(model, batch: TokenBatch, device) -> torch.Tensor:
     samples with the same prompt share one copy of it (shared_prefix.py)."""
     if not all(batch.prompt_ids):
         raise ValueError("a sample has an empty prompt: its first response token has no position to be predicted at")
-    tokens, positions, groups, sequences = [], [], [], [None] * len(batch)
+    tokens, positions, groups, order = [], [], [], []  # order: the sample of each sequence of the row
     for members in batch.prompt_groups():
         prompt = batch.prompt_ids[members[0]]
         prefix = (len(tokens), len(tokens) + len(prompt))
@@ -97,20 +97,22 @@ def response_hidden(model, batch: TokenBatch, device) -> torch.Tensor:
         for i in members:
             response = batch.response_ids[i, :int(batch.mask[i].sum())].tolist()
             suffixes.append((len(tokens), len(tokens) + len(response)))
-            sequences[i] = list(range(*prefix)) + list(range(*suffixes[-1]))
             tokens += response
             positions += range(len(prompt), len(prompt) + len(response))
         groups.append((prefix, suffixes))
+        order += members
     shared = SharedPrefixRow.from_groups(groups, len(tokens), device)
     input_ids = torch.tensor(tokens, device=device)[None]
     hidden = model(input_ids, position_ids=torch.tensor(positions, device=device)[None], shared=shared,
                    return_hidden=True)[0]  # [T, H]
-    # Response token j is predicted at sequence position prompt_len + j - 1; masked columns point at
-    # the sequence's last token (any valid index will do, their loss is 0).
+    # Response token j is predicted at sequence position prompt_len + j - 1, found through the row's
+    # sequences laid end to end (`expand`); masked columns point at the sequence's last token (any
+    # valid index will do, their loss is 0).
+    spans = torch.tensor(shared.spans)[torch.argsort(torch.tensor(order))]  # [S, 2], sample order
+    prompt_lens = torch.tensor([len(p) for p in batch.prompt_ids])
     columns = torch.arange(batch.response_ids.shape[1])
-    rows = [torch.tensor(seq)[torch.clamp(columns + len(batch.prompt_ids[i]) - 1, max=len(seq) - 1)]
-            for i, seq in enumerate(sequences)]
-    return hidden[torch.stack(rows).to(device)]  # [S, R, H]
+    at = torch.minimum(prompt_lens[:, None] - 1 + columns, (spans[:, 1] - spans[:, 0] - 1)[:, None]) + spans[:, :1]
+    return hidden[shared.expand[at.to(device)]]  # [S, R, H]
 
 
 def response_logprobs(model, batch: TokenBatch, *, temperature: float, device) -> torch.Tensor:
