@@ -137,6 +137,9 @@ class TrainConfig:
     eval_top_p: float = 0.95
     device: str = "auto"
     cpu_threads: int = 0  # torch's intra-op threads on CPU; 0 keeps torch's default
+    # CPU kernels pinned to one instruction set (r1mega/trainers/cpu_kernels.py): the same numbers on every
+    # x86-64 processor that has it; "" keeps what torch, MKL and oneDNN pick.
+    cpu_isa: str = ""
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     progress: bool = True

@@ -32,6 +32,7 @@ from r1mega.trainers import checkpoint
 from r1mega.trainers.components import (
     build_engine, build_policy, build_prompt_sets, build_tokenizer, longest_sequence, pick_device,
 )
+from r1mega.trainers.cpu_kernels import pin_cpu_kernels
 from r1mega.trainers.data_parallel import DataParallel
 from r1mega.trainers.evaluate import eval_metrics, generate_and_score, rollout_metrics
 from r1mega.trainers.metrics import MetricsLogger
@@ -48,6 +49,7 @@ from r1mega.trainers.schedule import lr_factor, value_at
 class GRPOTrainer:
     def __init__(self, cfg: Config):
         self.cfg, algo = cfg, cfg.algo
+        pin_cpu_kernels(cfg.train.cpu_isa)
         if cfg.train.cpu_threads > 0:
             torch.set_num_threads(cfg.train.cpu_threads)
         torch.manual_seed(cfg.train.seed)
