@@ -49,7 +49,8 @@ def sample_generator(seed: int, prompt: Sequence[int], sample_index: int, device
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """logits [B, V] (already divided by the temperature) -> the same with tokens outside each row's top-k
     and top-p nucleus set to -inf. top_k [B] (0: off), top_p [B] (1: off). The most likely token is
-    always kept."""
+    always kept. Top-k filters first and the nucleus is taken on the softmax of the kept logits (the
+    distribution renormalised over the top-k), as Hugging Face, vLLM and SGLang do."""
     vocab = logits.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)  # [B]
     if bool((k >= vocab).all()) and bool((top_p >= 1).all()):
@@ -57,10 +58,11 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
     rank = torch.arange(vocab, device=logits.device)
     drop = rank[None] >= k[:, None]  # beyond top-k
-    probs = sorted_logits.softmax(dim=-1)
-    # a token is dropped when the more likely ones before it already reach top_p
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)  # renormalised over the top-k
+    # a token is dropped when the more likely ones before it already reach top_p; top_p 1 is off even
+    # where the rounded cumulative sum reaches 1 before the last, least likely tokens
     before = probs.cumsum(dim=-1) - probs
-    drop |= before >= top_p[:, None]
+    drop |= (before >= top_p[:, None]) & (top_p[:, None] < 1)
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

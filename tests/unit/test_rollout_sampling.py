@@ -1,42 +1,52 @@
-"""Sampling and stop conditions against plain references: top-k / top-p masks computed row by row in
-Python, the exponential race against the softmax probabilities it should draw from, seeded
-generators, and stop strings against a brute-force search over token prefixes."""
+"""Sampling and stop conditions against references: top-k / top-p masks against Hugging Face's logits
+warpers, the exponential race against the softmax probabilities it should draw from, seeded generators,
+and stop strings against a brute-force search over token prefixes."""
 
 import math
 
 import pytest
 import torch
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from r1mega.rollout.sampling import filter_logits, sample, sample_generator
 from r1mega.rollout.stop import StopChecker, validate_stop
 
 
-def reference_mask(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
-    """Kept tokens of one row: the k most likely, then the smallest prefix of those (most likely first)
-    whose total probability (under the full row's softmax) reaches p."""
-    probs = logits.softmax(-1).tolist()
-    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+def hf_kept(logits: torch.Tensor, k: int, p: float) -> torch.Tensor:
+    """Tokens of one row that Hugging Face keeps: TopKLogitsWarper, then TopPLogitsWarper on what it left
+    (the nucleus taken on the softmax of the kept logits, as vLLM and SGLang do too)."""
+    scores = logits[None].clone()
     if k > 0:
-        order = order[:k]
-    kept, total = [], 0.0
-    for i in order:
-        if total >= p:
-            break
-        kept.append(i)
-        total += probs[i]
-    mask = torch.zeros(len(probs), dtype=torch.bool)
-    mask[kept] = True
-    return mask
+        scores = TopKLogitsWarper(top_k=k)(None, scores)
+    if p < 1:
+        scores = TopPLogitsWarper(top_p=p)(None, scores)
+    return torch.isfinite(scores[0])
 
 
-@pytest.mark.parametrize("k,p", [(0, 1.0), (3, 1.0), (0, 0.5), (5, 0.8), (1, 0.3), (0, 1e-6)])
-def test_filter_matches_reference(k, p):
+@pytest.mark.parametrize("k,p", [(0, 1.0), (3, 1.0), (0, 0.5), (5, 0.8), (3, 0.6), (2, 0.7), (1, 0.3), (0, 1e-6)])
+def test_filter_matches_transformers(k, p):
     logits = torch.randn(4, 17, generator=torch.Generator().manual_seed(k))
     out = filter_logits(logits, torch.full((4,), k), torch.full((4,), p))
     for row in range(4):
         kept = torch.isfinite(out[row])
-        assert torch.equal(kept, reference_mask(logits[row], k, p)), (row, k, p)
+        assert torch.equal(kept, hf_kept(logits[row], k, p)), (row, k, p)
         torch.testing.assert_close(out[row][kept], logits[row][kept])
+
+
+def test_top_p_is_taken_over_the_top_k():
+    # Softmax 0.5, 0.3, 0.2 over the top 2 is 0.625, 0.375: top-p 0.6 keeps one token once renormalised,
+    # two on the full softmax (0.5 < 0.6).
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    out = filter_logits(logits, torch.tensor([2]), torch.tensor([0.6]))
+    assert torch.equal(torch.isfinite(out[0]), torch.tensor([True, False, False]))
+    assert torch.equal(torch.isfinite(out[0]), hf_kept(logits[0], 2, 0.6))
+
+
+def test_top_p_one_keeps_the_whole_top_k():
+    # exp(-30) is below float32's resolution at 1: the cumulative sum is 1.0 from the first token on
+    logits = torch.tensor([[0.0, -30.0, -31.0, -32.0]])
+    out = filter_logits(logits, torch.tensor([3]), torch.tensor([1.0]))
+    assert torch.equal(torch.isfinite(out[0]), hf_kept(logits[0], 3, 1.0))
 
 
 def test_rows_use_their_own_settings():
@@ -44,7 +54,7 @@ def test_rows_use_their_own_settings():
     k, p = torch.tensor([0, 2, 4]), torch.tensor([1.0, 1.0, 0.6])
     out = filter_logits(logits, k, p)
     for row in range(3):
-        assert torch.equal(torch.isfinite(out[row]), reference_mask(logits[row], int(k[row]), float(p[row])))
+        assert torch.equal(torch.isfinite(out[row]), hf_kept(logits[row], int(k[row]), float(p[row])))
 
 
 def test_exponential_race_draws_from_softmax_of_scaled_logits():
