@@ -14,7 +14,13 @@ What a word is, precisely:
   Hangul, ...), counted as a word of no supported language;
 - digits, punctuation, symbols, whitespace and maths operators are not words and are ignored.
 "en" (and the other Latin-script codes below) counts Latin words as its own; "zh" counts CJK words.
-A chain of thought with no words at all (only maths) scores 1: nothing in it is in another language.
+The paper's score is the proportion of target-language words in the CoT, which has no value for a CoT
+without words; the two such cases are scored by what the reward is for (readable, single-language
+reasoning):
+- an empty chain of thought (`<think></think>`, or only whitespace) scores 0: it holds no
+  target-language word, and a full score would pay the policy for dropping its reasoning;
+- a chain of thought of maths alone ("7 + 9 = 16.") scores 1: it is reasoning, and nothing in it is in
+  another language.
 
 Deliberately left out: telling Latin-script languages apart (English vs French), word segmentation of
 Chinese, and Japanese/Korean targets.
@@ -70,6 +76,8 @@ def language_consistency(completion: str, sample: Mapping[str, Any]) -> RewardOu
     parts = think_summary(completion)
     if parts is None:
         return RewardOutput(0.0, "no single <think>...</think> block")
+    if not parts[0].strip():
+        return RewardOutput(0.0, "empty chain of thought")
     share = language_share(parts[0], str(sample.get("language") or "en"))
     if share is None:
         return RewardOutput(1.0, "no words in the chain of thought")

@@ -100,6 +100,13 @@ def test_language_share(thought, lang, share):
 
 def test_language_needs_a_think_block():
     assert language("no think block at all", {"language": "en"}).score == 0.0
+
+
+@pytest.mark.parametrize("thought", ["", "  \n "])
+def test_empty_chain_of_thought_scores_zero(thought):
+    # The paper's score is the share of target-language words in the CoT: an empty one holds none.
+    out = language(f"<think>{thought}</think> The answer is 3.", {"language": "en"})
+    assert out.score == 0.0 and out.reason == "empty chain of thought"
     with pytest.raises(ValueError, match="unsupported"):
         language("<think>x</think>", {"language": "xx"})
 
