@@ -3,8 +3,9 @@
 The answer is taken from the last `<answer>...</answer>` block (R1-Zero format) or, failing that, from
 the last `\\boxed{...}` (inside the answer block when it has one). A completion with neither scores 0:
 R1 rewards answers "in a required format". The extracted text and the ground truth (`sample["answer"]`,
-a plain string such as "1/2", "0.5", "\\{1,2\\}" or "(0,1]", or a number) are both read as LaTeX maths
-by math-verify, which decides equivalence (fractions = decimals, sets up to order, intervals, symbolic
+a plain string such as "1/2", "0.5", "\\{1,2\\}" or "(0,1]", or a number) are both parsed by math-verify
+(`parse_math`: prose such as "The answer is 5" as math-verify's users parse model output, bare maths as
+LaTeX), which decides equivalence (fractions = decimals, sets up to order, intervals, symbolic
 expressions). There is no hand-written grader here.
 
 math-verify bounds its own parsing and comparison time with SIGALRM, which only works in a process's
@@ -14,6 +15,7 @@ Deliberately left out: units, multiple-choice letters and answers spread over se
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any, Mapping
 
@@ -24,6 +26,9 @@ from r1mega.rewards.registry import RewardOutput, register_reward
 MATH_VERIFY_TIMEOUT_S = 5
 _EXTRACTION = [LatexExtractionConfig(), ExprExtractionConfig()]
 _ANSWER_OPEN, _ANSWER_CLOSE, _BOXED = "<answer>", "</answer>", "\\boxed{"
+_DELIMITERS = ("$", "\\(", "\\[", "\\boxed")
+# A word of prose: two or more letters that are not a LaTeX command's name ("\\frac", "\\sqrt").
+_PROSE_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}")
 
 
 def _last_boxed(text: str) -> str | None:
@@ -60,10 +65,22 @@ def _timeout() -> int | None:
 
 
 def parse_math(text: str) -> list:
-    """math-verify's parse of an answer string: maths delimiters are added when the text has none, so
-    "\\frac{1}{2}", "\\{1,2\\}" and "1/2" are all read as LaTeX."""
-    if "$" not in text and "\\(" not in text and "\\[" not in text:
-        text = f"${text}$"
+    """math-verify's parse of an answer string, read as its users read a model's answer.
+
+    Text with maths delimiters or words ("The answer is 5", "so it is 7 apples", "It is $\\sqrt{18}$")
+    goes to math-verify as it is: its LaTeX extraction (delimiters, \\boxed{}, "answer is ...") and its
+    plain-expression extraction find the maths in it. Bare maths ("\\frac{1}{2}", "\\{1,2\\}", "(0,1]",
+    "3\\sqrt{2}") is read as LaTeX between $...$, where the expression extraction alone would take "(0,1]"
+    for 1 and "3\\sqrt{2}" for 3; so is prose in which math-verify finds nothing ("sqrt(2)")."""
+    delimited = any(d in text for d in _DELIMITERS)
+    if delimited or _PROSE_WORD.search(text):
+        found = _parse(text)
+        if found or delimited:
+            return found
+    return _parse(f"${text}$")
+
+
+def _parse(text: str) -> list:
     return parse(text, extraction_config=_EXTRACTION, parsing_timeout=_timeout())
 
 

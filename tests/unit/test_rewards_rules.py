@@ -38,6 +38,19 @@ def test_wrong_answers_score_zero(predicted, truth):
     assert out.score == 0.0 and out.reason
 
 
+@pytest.mark.parametrize("answer, truth, right", [
+    ("The answer is 5", "5", True), ("so it is 7 apples", "7", True), ("It is 1/2", "0.5", True),
+    ("I think 12", "12", True), ("5", "5", True), (r"\boxed{\frac{3}{4}}", "0.75", True),
+    (r"\frac{1}{2}", "0.5", True), (r"It is $\sqrt{18}$", r"3\sqrt{2}", True),
+    ("The answer is 6", "5", False), ("so it is 8 apples", "7", False), (r"\frac{1}{3}", "0.5", False),
+])
+def test_answer_text_graded_as_math_verify_grades_it(answer, truth, right):
+    # The reference: math-verify's own parse of the answer text as the model wrote it (its default LaTeX
+    # and expression extractions), against the ground truth in explicit LaTeX delimiters.
+    assert verify(parse(f"${truth}$"), parse(answer)) == right
+    assert math_accuracy(f"<think> x </think><answer>{answer}</answer>", {"answer": truth}).score == float(right)
+
+
 def test_answer_extraction():
     assert extract_answer(r"<answer> The result is \boxed{\frac{3}{4}} </answer>") == r"\frac{3}{4}"
     assert extract_answer(r"\boxed{1} then \boxed{\{2, 3\}}") == r"\{2, 3\}"
