@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace r1mega {
@@ -51,6 +52,16 @@ inline float exp_fast(float x) {
   return x > kHi ? std::numeric_limits<float>::infinity() : (x < kLo ? 0.0f : (x != x ? x : out));
 }
 inline double exp_fast(double x) { return std::exp(x); }  // fp64 is for gradcheck, not speed
+
+// c * e where e = exp(x) (a ratio, or exp of the KL's log-ratio): the plain product where it is finite,
+// else sign(c) exp(x + ln|c|), which overflows only where the product itself does, and exactly 0 for
+// c = 0 whatever e (not 0 * inf = NaN). Scalar std::exp/log: only for the rare rows that need it.
+template <typename acc_t>
+inline acc_t times_exp(acc_t c, acc_t e, acc_t x) {
+  const acc_t product = c * e;
+  if (std::isfinite(product)) return product;
+  return c == 0 ? acc_t(0) : std::copysign(std::exp(x + std::log(std::abs(c))), c);
+}
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -93,8 +104,10 @@ Inputs prepare(const at::Tensor& logp, const at::Tensor& old_logp, const std::op
   return in;
 }
 
-// One row: writes the unnormalised dloss/dlogp to `grad` and the row's partials to `part`.
-template <typename scalar_t, typename mask_t, typename acc_t>
+// One row: writes the unnormalised dloss/dlogp to `grad` and the row's partials to `part`. kExact:
+// the products ratio * A and beta * exp(x) through `times_exp` (scalar); otherwise plain (vectorised),
+// which a non-finite row loss sends back here with kExact (see grpo_forward_cpu).
+template <bool kExact, typename scalar_t, typename mask_t, typename acc_t>
 void grpo_row(const scalar_t* logp, const scalar_t* old_logp, const scalar_t* ref_logp, const acc_t* adv,
               int64_t adv_stride, const mask_t* mask, int64_t T, acc_t lo, acc_t hi, acc_t beta, acc_t* grad,
               double* part) {
@@ -106,21 +119,25 @@ void grpo_row(const scalar_t* logp, const scalar_t* old_logp, const scalar_t* re
     const bool valid = static_cast<float>(mask[t]) != 0.0f;
     const acc_t a = adv[t * adv_stride];
     const acc_t lp = static_cast<acc_t>(logp[t]);
-    const acc_t ratio = exp_fast(valid ? lp - static_cast<acc_t>(old_logp[t]) : acc_t(0));
+    const acc_t log_ratio = valid ? lp - static_cast<acc_t>(old_logp[t]) : acc_t(0);
+    const acc_t ratio = exp_fast(log_ratio);
     const bool pos = a >= 0;
     const bool clipped = valid && a != 0 && (pos ? ratio > hi : ratio < lo);
-    const acc_t surrogate = (clipped ? (pos ? hi : lo) : ratio) * a;
-    acc_t kl = 0, dkl = 0;
+    const acc_t ratio_a = kExact ? times_exp(a, ratio, log_ratio) : ratio * a;
+    const acc_t surrogate = clipped ? (pos ? hi : lo) * a : ratio_a;
+    acc_t kl = 0, beta_kl = 0, beta_dkl = 0;
     if (has_ref) {
       const acc_t x = valid ? static_cast<acc_t>(ref_logp[t]) - lp : acc_t(0);  // log(pi_ref / pi)
       const acc_t ex = exp_fast(x);
+      const acc_t beta_ex = kExact ? times_exp(beta, ex, x) : beta * ex;
       kl = ex - x - 1;
-      dkl = 1 - ex;  // d kl / d logp
+      beta_kl = beta_ex - beta * (x + 1);
+      beta_dkl = beta - beta_ex;  // beta * d kl / d logp
     }
     // d(-(surrogate - beta kl))/dlogp; the clipped branch is constant in logp.
-    const acc_t g = (clipped ? acc_t(0) : -ratio * a) + beta * dkl;
+    const acc_t g = (clipped ? acc_t(0) : -ratio_a) + beta_dkl;
     grad[t] = valid ? g : acc_t(0);
-    loss += valid ? beta * kl - surrogate : acc_t(0);
+    loss += valid ? beta_kl - surrogate : acc_t(0);
     count += valid ? acc_t(1) : acc_t(0);
     clips += clipped ? acc_t(1) : acc_t(0);
     kl_sum += valid ? kl : acc_t(0);
@@ -152,9 +169,15 @@ void grpo_forward_cpu(const Inputs& in, double lo, double hi, double beta, at::T
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t off = b * T;
-      grpo_row<scalar_t, mask_t, acc_t>(logp + off, old_logp + off, ref_logp ? ref_logp + off : nullptr,
-                                        adv + (in.adv_per_token ? off : b), in.adv_per_token ? 1 : 0, mask + off, T,
-                                        acc_t(1 - lo), acc_t(1 + hi), acc_t(beta), g + off, part + b * kPartials);
+      auto row = [&](auto exact) {
+        grpo_row<decltype(exact)::value, scalar_t, mask_t, acc_t>(
+            logp + off, old_logp + off, ref_logp ? ref_logp + off : nullptr, adv + (in.adv_per_token ? off : b),
+            in.adv_per_token ? 1 : 0, mask + off, T, acc_t(1 - lo), acc_t(1 + hi), acc_t(beta), g + off,
+            part + b * kPartials);
+      };
+      row(std::false_type{});
+      // A product that overflowed (or 0 * inf) made the row's loss non-finite: redo the row exactly.
+      if (!std::isfinite(part[b * kPartials])) row(std::true_type{});
     }
   });
 }

@@ -76,6 +76,16 @@ __device__ __forceinline__ float exp_acc(float x) {
 }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
+// c * e where e = exp(x) (a ratio, or exp of the KL's log-ratio): the plain product where it is finite,
+// else sign(c) exp(x + ln|c|), which overflows only where the product itself does, and exactly 0 for
+// c = 0 whatever e (not 0 * inf = NaN). The CPU kernel's `times_exp`.
+template <typename acc_t>
+__device__ __forceinline__ acc_t times_exp(acc_t c, acc_t e, acc_t x) {
+  const acc_t product = c * e;
+  if (isfinite(product)) return product;
+  return c == acc_t(0) ? acc_t(0) : copysign(exp_acc(x + log(fabs(c))), c);
+}
+
 template <typename acc_t>
 struct Part {
   acc_t v[kPartials];
@@ -128,20 +138,24 @@ __global__ void __launch_bounds__(kThreads) grpo_forward_kernel(
   for (int i = 0; i < kVec; ++i) {
     const bool valid = static_cast<float>(m[i]) != 0.0f && t0 + i < T;
     const acc_t x_lp = static_cast<acc_t>(lp[i]);
-    const acc_t ratio = exp_acc(valid ? x_lp - static_cast<acc_t>(old[i]) : acc_t(0));
+    const acc_t log_ratio = valid ? x_lp - static_cast<acc_t>(old[i]) : acc_t(0);
+    const acc_t ratio = exp_acc(log_ratio);
     const bool pos = a[i] >= 0;
     const bool clipped = valid && a[i] != 0 && (pos ? ratio > hi : ratio < lo);
-    const acc_t surrogate = (clipped ? (pos ? hi : lo) : ratio) * a[i];
-    acc_t kl = 0, dkl = 0;
+    const acc_t ratio_a = times_exp(a[i], ratio, log_ratio);
+    const acc_t surrogate = clipped ? (pos ? hi : lo) * a[i] : ratio_a;
+    acc_t kl = 0, beta_kl = 0, beta_dkl = 0;
     if (ref_logp != nullptr) {
       const acc_t x = valid ? static_cast<acc_t>(ref[i]) - x_lp : acc_t(0);  // log(pi_ref / pi)
       const acc_t ex = exp_acc(x);
+      const acc_t beta_ex = times_exp(beta, ex, x);
       kl = ex - x - 1;
-      dkl = 1 - ex;
+      beta_kl = beta_ex - beta * (x + 1);
+      beta_dkl = beta - beta_ex;  // beta * d kl / d logp
     }
-    g[i] = valid ? (clipped ? acc_t(0) : -ratio * a[i]) + beta * dkl : acc_t(0);
+    g[i] = valid ? (clipped ? acc_t(0) : -ratio_a) + beta_dkl : acc_t(0);
     if (valid) {
-      p.v[0] += beta * kl - surrogate;
+      p.v[0] += beta_kl - surrogate;
       p.v[1] += 1;
       p.v[2] += clipped ? 1 : 0;
       p.v[3] += kl;

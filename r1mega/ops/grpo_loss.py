@@ -17,11 +17,17 @@ row contributes nothing and is not counted. The loss is 0 when no token is valid
 hold anything (even inf/NaN): they are never read into the loss or the gradient.
 
 The min is written as the equivalent branch on the sign of A (A >= 0: min(ratio, 1 + clip_high) * A,
-A < 0: max(ratio, 1 - clip_low) * A), which avoids inf * 0 when the ratio overflows and A is 0. A token
-is "clipped" when that branch cut the gradient: A > 0 and ratio > 1 + clip_high, or A < 0 and
-ratio < 1 - clip_low; at exact equality the gradient still flows. The maths runs in fp32 (fp64 for
-fp64 inputs) whatever the input dtype; nothing is clamped, so a log-ratio beyond fp32's exp range
-(|x| > 88) gives inf here exactly as it does in the reference.
+A < 0: max(ratio, 1 - clip_low) * A). A token is "clipped" when that branch cut the gradient: A > 0 and
+ratio > 1 + clip_high, or A < 0 and ratio < 1 - clip_low; at exact equality the gradient still flows.
+The maths runs in fp32 (fp64 for fp64 inputs) whatever the input dtype, and nothing is clamped. A ratio
+beyond fp32's range (log-ratio > 88.7) is still a finite number, so each term keeps its true value:
+- A = 0: the policy term and its gradient are 0, whatever the ratio (not inf * 0 = NaN);
+- A > 0: clipped, (1 + clip_high) * A with no gradient;
+- A < 0: ratio * A, computed as -exp(log_ratio + ln|A|), so it is -inf only where the product itself
+  is beyond fp32 (the loss is then +inf and the trainer skips the step), not wherever the ratio is.
+The KL term beta * kl is computed the same way (exactly 0 when beta = 0; beta * exp(x) overflowing only
+where the product does). The kernels take the plain products and fall back to that form where a
+product is not finite, so both agree with the reference to rounding.
 
 Gradient: only w.r.t. `logp`. The kernel's forward writes dloss/dlogp per token (without the
 normalisation) and a per-row scale, so the backward is one elementwise pass.
@@ -65,6 +71,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _times_exp(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """c * exp(x) as sign(c) exp(x + ln|c|): it overflows only where the product does, and it is exactly
+    0 (with a zero gradient) where c = 0, whatever x."""
+    return torch.sign(c) * torch.exp(torch.where(c == 0, 0.0, x) + torch.log(c.abs()))
+
+
 def grpo_loss_reference(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -90,16 +102,17 @@ def grpo_loss_reference(
     positive = adv >= 0
     clipped = valid & (adv != 0) & torch.where(positive, ratio > 1 + clip_high, ratio < 1 - clip_low)
     bound = torch.where(positive, 1 + clip_high, 1 - clip_low).to(acc)
-    # The clipped branch carries no gradient; exp is taken of 0 there so that an overflowed ratio
-    # does not turn its zero gradient into 0 * inf = NaN.
-    unclipped = torch.exp(torch.where(clipped, 0.0, log_ratio))
-    surrogate = torch.where(clipped, bound, unclipped) * adv
+    # ratio * A where the gradient flows; the clipped branch carries none, so exp is taken of 0 there
+    # and an overflowed ratio cannot turn its zero gradient into 0 * inf = NaN.
+    unclipped = _times_exp(adv, torch.where(clipped, 0.0, log_ratio))
+    surrogate = torch.where(clipped, bound * adv, unclipped)
     per_token = -surrogate
     kl = torch.zeros_like(lp)
     if ref_logp is not None:
         x = torch.where(valid, ref_logp.to(acc) - lp, 0.0)  # [B, T] log(pi_ref / pi)
         kl = torch.exp(x) - x - 1
-        per_token = per_token + beta * kl
+        beta_t = torch.tensor(beta, dtype=acc, device=lp.device)
+        per_token = per_token + _times_exp(beta_t, x) - beta_t * (x + 1)  # beta * kl
     per_token = torch.where(valid, per_token, 0.0)
 
     n_row = valid.sum(1).to(acc)  # [B] valid tokens per row

@@ -212,6 +212,54 @@ def test_overflow_matches_reference(device):
     torch.testing.assert_close(grad, grad_r)
 
 
+def paper_loss_fp64(logp, old, ref, adv, mask, clip_low, clip_high, beta):
+    """The paper's objective evaluated literally in float64 (seq-mean-token-mean), with its gradient:
+    exp does not overflow there below 709, so min(r A, clip(r) A) with A = 0 is 0 and r A with a tiny A
+    is the finite product."""
+    lp = logp.double().requires_grad_()
+    a = adv.double()[:, None]
+    ratio = torch.exp(lp - old.double())
+    surr = torch.min(ratio * a, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a)
+    x = ref.double() - lp
+    per_token = -(surr - beta * (torch.exp(x) - x - 1)) * mask
+    loss = (per_token.sum(1) / mask.sum(1)).mean()
+    (grad,) = torch.autograd.grad(loss, lp)
+    return loss.detach(), grad
+
+
+OVERFLOW_CASES = {  # advantage, log-ratios (4 tokens; e^88.8 and up are beyond fp32), log(pi_ref / pi)
+    "A=0": (0.0, [89.0, 100.0, 0.1, -0.1], [0.1, -0.2, 0.3, 0.0]),
+    "A>0 clipped": (1.0, [89.0, 100.0, 0.1, -3.0], [0.1, -0.2, 0.3, 0.0]),
+    "A<0 tiny": (-1e-30, [89.0, 100.0, 0.1, -0.1], [0.1, -0.2, 0.3, 0.0]),  # r A = -4.5e8, -2.7e13
+    "A<0 product in range": (-0.5, [88.9, 0.1, -0.1, 0.0], [0.1, -0.2, 0.3, 0.0]),  # r = inf in fp32, r A = -2.1e38
+    "KL beyond exp's range": (0.7, [0.1, -0.1, 0.0, 0.05], [89.0, 0.2, -0.3, 0.0]),  # beta e^89 = 4.5e35
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fn", [grpo_loss_reference, grpo_loss], ids=["reference", "kernel"])
+@pytest.mark.parametrize("case", OVERFLOW_CASES)
+@pytest.mark.parametrize("beta", [1e-3, 0.0])
+def test_overflowing_ratio_keeps_the_formulas_value(device, fn, case, beta):
+    """A ratio (or e^x of the KL) beyond fp32's range is a finite number: each term has the value of
+    the paper's formula evaluated in float64, rounded to fp32 (A = 0 gives 0, not inf * 0 = NaN).
+    Tolerance: exp's argument x + ln|A| (|.| < 128) carries up to ~1 ulp = 7.6e-6 of absolute rounding,
+    i.e. that relative error in the product."""
+    if fn is grpo_loss:
+        needs_kernel("grpo_loss", device)
+    adv, log_ratio, log_ref = OVERFLOW_CASES[case]
+    logp = torch.full((1, 4), -1.0, device=device)
+    old = logp - torch.tensor([log_ratio], device=device)
+    ref = logp + torch.tensor([log_ref], device=device)
+    adv = torch.tensor([adv], device=device)
+    mask = torch.ones(1, 4, dtype=torch.bool, device=device)
+    loss, _, grad = run(fn, logp, old, ref, adv, mask, clip_low=0.2, clip_high=0.28, beta=beta)
+    loss_64, grad_64 = paper_loss_fp64(logp, old, ref, adv, mask, 0.2, 0.28, beta)
+    assert torch.isfinite(loss_64) and torch.isfinite(grad_64.float()).all()  # the cases are in fp32's range
+    torch.testing.assert_close(loss, loss_64.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad, grad_64.float(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_max_len_normaliser(device):
     needs_kernel("grpo_loss", device)
