@@ -4,7 +4,9 @@
 rendered "prompt" and an "answer"; the samples are graded by the registered rewards through a
 `ScoringPool` (correctness = every `*accuracy` component at full marks, as in the trainer), and the
 final answer of each sample is extracted the way `math_accuracy` extracts it, for the vote.
-`evaluate_model` builds a native engine around a model and runs every dataset through it.
+`evaluate_model` builds a native engine around a model, sized for every dataset's prompts, and runs
+every dataset through it; a prompt the engine refuses (past the model's max_position_embeddings) is an
+error naming its row, never a wrong answer.
 `load_eval_sets` turns dataset names into rows: a synthetic task name (its held-out split) or a
 prompt file (jsonl/json/parquet, read by r1mega.data.datasets).
 
@@ -21,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from r1mega.eval.passk import cons_at_k, pass_at_k
 from r1mega.rewards import ScoringPool
 from r1mega.rewards.math_accuracy import extract_answer
-from r1mega.rollout.engine import SamplingParams
+from r1mega.rollout.engine import SamplingParams, max_len_for, raise_refused
 from r1mega.trainers.evaluate import accuracy_of
 
 
@@ -44,6 +46,7 @@ def evaluate_rows(engine, tokenizer, rows: Sequence[Mapping[str, Any]], settings
                               max_new_tokens=settings.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id],
                               seed=settings.seed)
     groups = engine.generate([tokenizer.encode(r["prompt"]) for r in rows], sampling)
+    raise_refused(groups, rows)
     texts = [s.text for group in groups for s in group]
     scores = scorer.score(texts, [r for r in rows for _ in range(k)])
     correct = accuracy_of(scores.components)
@@ -89,8 +92,9 @@ def evaluate_model(model, tokenizer, datasets: Mapping[str, Sequence[Mapping[str
     """dataset name -> metrics, for `model` served by a private native engine."""
     from r1mega.rollout.native import NativeEngine
 
-    longest = max(len(tokenizer.encode(r["prompt"])) for rows in datasets.values() for r in rows)
-    engine = NativeEngine(model, tokenizer, max_slots=max_slots, max_len=longest + settings.max_new_tokens + 1,
-                          device=device)
+    prompts = {name: [tokenizer.encode(r["prompt"]) for r in rows] for name, rows in datasets.items()}
+    max_len = max_len_for(prompts, settings.max_new_tokens, model.config.max_position_embeddings,
+                          key="sampling.max_new_tokens")
+    engine = NativeEngine(model, tokenizer, max_slots=max_slots, max_len=max_len, device=device)
     with ScoringPool(settings.reward) as scorer:
         return {name: evaluate_rows(engine, tokenizer, rows, settings, scorer) for name, rows in datasets.items()}

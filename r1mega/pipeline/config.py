@@ -68,7 +68,10 @@ class AllScenarioStage(RLStage):
     # Reward = reasoning (accuracy + format) + general (reward model + format) + language.
     reward: dict[str, float] = field(default_factory=lambda: {
         "math_accuracy": 1.0, "format_r1_zero": 1.0, "helpful_rm": 1.0, "language_consistency": 1.0})
-    general_share: float = 0.25  # share of general (non-reasoning) prompts among the stage's prompts
+    general_share: float = 0.25  # share of general (non-reasoning) prompts once they join
+    # General prompts (and so the reward model that scores them) join for the last `general_steps` steps
+    # only; None: the paper's share of `steps`, the final 400 of 1,700 (7 of 30).
+    general_steps: Optional[int] = None
     general_path: Optional[str] = None  # jsonl {"prompt"}; None: synthetic general prompts
     reward_model: RewardModelStage = field(default_factory=RewardModelStage)
 

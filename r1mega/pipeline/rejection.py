@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from r1mega.rewards.language import language_consistency
-from r1mega.rollout.engine import SamplingParams
+from r1mega.rollout.engine import SamplingParams, raise_refused
 
 _FENCE = re.compile(r"^\s*(```|~~~)", re.MULTILINE)
 _CODE_REQUEST = re.compile(r"\b(code|program|programs|function|script|implement|python|c\+\+|java|javascript|"
@@ -117,6 +117,7 @@ def rejection_sample(engine, tokenizer, rows: Sequence[Mapping[str, Any]], score
                               max_new_tokens=settings.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id],
                               seed=settings.seed)
     groups = engine.generate([tokenizer.encode(r["prompt"]) for r in rows], sampling)
+    raise_refused(groups, rows)
     texts = [s.text for group in groups for s in group]
     scores = scorer.score(texts, [r for r in rows for _ in range(settings.k)])
     out, dropped = [], Counter()

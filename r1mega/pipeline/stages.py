@@ -4,7 +4,8 @@ files such as the rejection-sampled `data.jsonl`) and returns the stage's summar
 
 GRPO stages run the `GRPOTrainer` on a copy of the pipeline's GRPO config with the stage's changes
 (init checkpoint, rewards, temperature, steps, learning rate) and resume from their own training
-checkpoints when a previous attempt was interrupted. SFT stages run `fine_tune`.
+checkpoints when a previous attempt was interrupted; stage 4 brings in general prompts (hence its
+reward model) for its last steps only (schedule.py). SFT stages run `fine_tune`.
 
 Deliberately left out: the paper's cold-start data collection (few-shot prompting, R1-Zero outputs
 refined by annotators): the embedded default uses correct, well-formed synthetic demonstrations, and
@@ -18,7 +19,6 @@ import copy
 import dataclasses
 import random
 from pathlib import Path
-from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ from r1mega.data.templates import get_template
 from r1mega.models.checkpoint import save_native
 from r1mega.pipeline.config import AllScenarioStage, PipelineConfig, RLStage, SFTStage
 from r1mega.pipeline.general import general_rows
+from r1mega.pipeline.schedule import SwitchedPrompts, general_steps
 from r1mega.trainers.components import build_prompt_sets, pick_device
 
 
@@ -59,10 +60,10 @@ def base(cfg: PipelineConfig, out: Path) -> dict[str, float]:
 
 
 def rl(cfg: PipelineConfig, stage: RLStage, init: Path, out: Path,
-       prompts: Sequence[Mapping[str, Any]] | None = None) -> dict[str, float]:
-    """GRPO from the checkpoint `init`; `prompts` (rendered rows) replace the data config's training set."""
+       prompts: SwitchedPrompts | None = None) -> dict[str, float]:
+    """GRPO from the checkpoint `init`; `prompts` (a stream following the trainer's step) replaces the data
+    config's training set."""
     from r1mega.trainers.grpo import GRPOTrainer
-    from r1mega.trainers.prompts import PromptStream
 
     run = grpo_config(cfg)
     run.model.path, run.data.tokenizer = str(init), None
@@ -71,12 +72,9 @@ def rl(cfg: PipelineConfig, stage: RLStage, init: Path, out: Path,
     run.algo.lr = stage.lr if stage.lr is not None else run.algo.lr
     run.train.steps, run.train.out_dir, run.train.resume = stage.steps, str(out), True
     run.train.eval_every = stage.steps  # the pipeline evaluates every stage itself
-    trainer = GRPOTrainer(run)
+    trainer = GRPOTrainer(run, prompts=prompts)  # restores the stream's position when it resumes
     if prompts is not None:
-        # The trainer restored its stream's position from a checkpoint when it resumed; keep it.
-        stream = PromptStream(list(prompts), run.train.seed)
-        stream.load_state_dict(trainer.prompts.state_dict())
-        trainer.prompts = stream
+        prompts.follow(lambda: trainer.step)
     try:
         final = trainer.fit()
     finally:
@@ -119,15 +117,17 @@ def rejection_sft(cfg: PipelineConfig, source: Path, base_dir: Path, out: Path) 
     from r1mega.data.datasets import load_sft_dataset
     from r1mega.pipeline.rejection import mix, rejection_sample, write_jsonl
     from r1mega.rewards import ScoringPool
+    from r1mega.rollout.engine import max_len_for
     from r1mega.rollout.native import NativeEngine
 
     stage = cfg.pipeline.rejection
     train_rows, _ = build_prompt_sets(cfg.data, cfg.train.seed)
     rows = [{**row, "id": i} for i, row in enumerate(train_rows[:stage.prompts])]
     model, tokenizer = load_model(source)
-    longest = max(len(tokenizer.encode(r["prompt"])) for r in rows)
-    engine = NativeEngine(model, tokenizer, max_slots=cfg.rollout.max_slots,
-                          max_len=longest + stage.sampling.max_new_tokens + 1, device=pick_device(cfg.train.device))
+    max_len = max_len_for({"training": [tokenizer.encode(r["prompt"]) for r in rows]}, stage.sampling.max_new_tokens,
+                          model.config.max_position_embeddings, key="pipeline.rejection.sampling.max_new_tokens")
+    engine = NativeEngine(model, tokenizer, max_slots=cfg.rollout.max_slots, max_len=max_len,
+                          device=pick_device(cfg.train.device))
     with ScoringPool(dict(stage.reward), cfg.reward.num_workers, cfg.reward.timeout) as scorer:
         kept, stats = rejection_sample(engine, tokenizer, rows, scorer, stage.sampling, source=str(source))
     if not kept:
@@ -176,23 +176,33 @@ def reward_model(cfg: PipelineConfig, init: Path, out: Path) -> dict[str, float]
             "rm/held_out_pair_accuracy": pair_accuracy(model, held_out, tokenizer)}
 
 
-def all_scenario(cfg: PipelineConfig, init: Path, out: Path) -> dict[str, float]:
-    """GRPO on reasoning and general prompts with rule rewards + the helpful reward model + language."""
-    from r1mega.rewards.reward_model import set_reward_model_dir
-
+def all_scenario_prompts(cfg: PipelineConfig) -> SwitchedPrompts:
+    """Stage 4's prompts: reasoning rows alone, then, for the last `general_steps` steps, reasoning and
+    general rows mixed (`general_share` of them general), as the paper's second RL stage."""
     stage = cfg.pipeline.all_scenario_rl
-    metrics = {}
-    if "helpful_rm" in stage.reward:
-        rm_dir = out / "reward_model"
-        if not (rm_dir / "model.pt").exists():
-            metrics = reward_model(cfg, init, rm_dir)
-        set_reward_model_dir("helpful", rm_dir)
     reasoning, _ = build_prompt_sets(cfg.data, cfg.train.seed)
     count = round(len(reasoning) * stage.general_share / (1 - stage.general_share))
     template = get_template(cfg.data.template)
     general = [{"prompt": template(p), "question": p} for p in _general_prompts(stage, count, cfg.train.seed)]
-    prompts = [*reasoning, *general]
-    random.Random(cfg.train.seed).shuffle(prompts)
+    mixed = [*reasoning, *general]
+    random.Random(cfg.train.seed).shuffle(mixed)
+    switch = stage.steps - general_steps(stage.steps, stage.general_steps)
+    return SwitchedPrompts(reasoning, mixed, switch, cfg.train.seed)
+
+
+def all_scenario(cfg: PipelineConfig, init: Path, out: Path) -> dict[str, float]:
+    """GRPO on reasoning prompts, general prompts joining for the last steps, with rule rewards + the
+    helpful reward model (it scores the general rows only) + language."""
+    from r1mega.rewards.reward_model import set_reward_model_dir
+
+    stage = cfg.pipeline.all_scenario_rl
+    prompts = all_scenario_prompts(cfg)
+    metrics = {}
+    if "helpful_rm" in stage.reward and prompts.switch < stage.steps:  # no general row, no reward model
+        rm_dir = out / "reward_model"
+        if not (rm_dir / "model.pt").exists():
+            metrics = reward_model(cfg, init, rm_dir)
+        set_reward_model_dir("helpful", rm_dir)
     return {**metrics, **rl(cfg, stage, init, out, prompts)}
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Iterable, Literal, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
@@ -48,6 +48,11 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)  # one per token_ids entry (see module docstring)
     finish_reason: FinishReason = "length"
     error: Optional[str] = None  # set when finish_reason == "error"
+
+    @property
+    def refused(self) -> bool:
+        """The engine refused the request (too long, invalid): an error before any token was generated."""
+        return self.finish_reason == "error" and not self.token_ids
 
 
 class TokenizerLike(Protocol):
@@ -88,9 +93,10 @@ class Engine(Protocol):
 
 
 def validate(prompt: list[int], p: SamplingParams, *, vocab_size: Optional[int] = None,
-             max_len: Optional[int] = None) -> None:
-    """Raises ValueError with the reason when an engine must refuse the request. Limits not
-    known here (vocab_size, max_len None) are left to the server."""
+             max_len: Optional[int] = None, max_positions: Optional[int] = None) -> None:
+    """Raises ValueError with the reason when an engine must refuse the request. `max_positions` is the
+    model's max_position_embeddings: no sequence may run past it. Limits not known here (None) are left
+    to the server."""
     if not prompt:
         raise ValueError("empty prompt")
     if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or (vocab_size and t >= vocab_size) for t in prompt):
@@ -102,6 +108,9 @@ def validate(prompt: list[int], p: SamplingParams, *, vocab_size: Optional[int] 
     if max_len is not None and len(prompt) + p.max_new_tokens > max_len:
         raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the "
                          f"engine's max_len {max_len}")
+    if max_positions is not None and len(prompt) + p.max_new_tokens > max_positions:
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) exceeds the model's "
+                         f"max_position_embeddings {max_positions}")
     if not (math.isfinite(p.temperature) and p.temperature >= 0):
         raise ValueError(f"temperature must be >= 0, got {p.temperature!r}")
     if not 0 < p.top_p <= 1:
@@ -111,3 +120,32 @@ def validate(prompt: list[int], p: SamplingParams, *, vocab_size: Optional[int] 
     if p.seed is not None and not isinstance(p.seed, int):
         raise ValueError(f"seed must be an integer or None, got {p.seed!r}")
     validate_stop(p.stop_token_ids, p.stop)
+
+
+def max_len_for(prompts: Mapping[str, Sequence[Sequence[int]]], max_new_tokens: int, max_positions: int, *,
+                key: str) -> int:
+    """The max_len an engine needs to serve every prompt of `prompts` (set name -> token-id prompts, every
+    prompt that can reach the engine) with `max_new_tokens` new tokens: the longest prompt + max_new_tokens.
+
+    Raises ValueError, naming the longest prompt's set and row and the config `key` that set
+    max_new_tokens, when that exceeds the model's `max_positions` (max_position_embeddings): refused
+    before any work rather than served as error samples that score 0."""
+    rows = [(name, i, len(p)) for name, prompts_of_set in prompts.items() for i, p in enumerate(prompts_of_set)]
+    if not rows:
+        raise ValueError("no prompts to size the engine for")
+    name, row, longest = max(rows, key=lambda r: r[2])
+    if longest + max_new_tokens > max_positions:
+        raise ValueError(f"{name} row {row}: its prompt ({longest} tokens) + {key} ({max_new_tokens}) exceeds the "
+                         f"model's max_position_embeddings ({max_positions}): lower {key}, shorten or drop the "
+                         "longest prompts, or use a model with more positions")
+    return longest + max_new_tokens
+
+
+def raise_refused(groups: Sequence[Sequence[Sample]], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Raises ValueError naming the first row (`rows[i]` gave `groups[i]`) whose prompt the engine refused:
+    its samples would otherwise be scored 0, counted as wrong answers."""
+    for index, (row, group) in enumerate(zip(rows, groups)):
+        refused = next((s for s in group if s.refused), None)
+        if refused is not None:
+            question = str(row.get("question", row.get("prompt", "")))
+            raise ValueError(f"the engine refused row {row.get('id', index)} ({question[:60]!r}): {refused.error}")

@@ -14,7 +14,8 @@
   sample's slot takes the cache of the last one), so decode reads the cache as views, never gathers.
 - Sampling (sampling.py) runs on the model's device, one seeded generator per sample; stop token ids
   and stop strings (stop.py); every sample reports the log-probability of each token it drew.
-- A bad request (empty prompt, too long, invalid parameters) gets error samples; the others run.
+- A bad request (empty prompt, longer than max_len or the model's max_position_embeddings, invalid
+  parameters) gets error samples; the others run.
 
 Deliberately left out: CUDA graphs / torch.compile of the decode step (on a CPU, torch.compile of the
 decode forward broke its graph at the MoE's per-expert loop, recompiled as lengths grew, and ran no
@@ -130,7 +131,8 @@ class NativeEngine:
             prompt = self.tokenizer.encode(prompt)
         prompt = list(prompt)
         p = params
-        validate(prompt, p, vocab_size=self.config.vocab_size, max_len=self.max_len)
+        validate(prompt, p, vocab_size=self.config.vocab_size, max_len=self.max_len,
+                 max_positions=self.config.max_position_embeddings)
         stop_ids, stop = validate_stop(p.stop_token_ids, p.stop)
         checker = StopChecker(stop_ids, stop, self.tokenizer)
         seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()))

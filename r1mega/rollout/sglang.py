@@ -88,6 +88,7 @@ class SGLangEngine:
         self.tp_size, self.dtype, self.bucket_bytes = tp_size, dtype, bucket_bytes
         self.send_seed, self.max_len, self.timeout_s = send_seed, max_len, timeout_s
         self.vocab_size = config.vocab_size if config is not None else None
+        self.max_positions = config.max_position_embeddings if config is not None else None
         if device is None and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = torch.device(device) if device is not None else None
@@ -155,7 +156,7 @@ class SGLangEngine:
                         raise ValueError("a text prompt needs a tokenizer")
                     prompt = self.tokenizer.encode(prompt)
                 prompt = list(prompt)
-                validate(prompt, p, vocab_size=self.vocab_size, max_len=self.max_len)
+                validate(prompt, p, vocab_size=self.vocab_size, max_len=self.max_len, max_positions=self.max_positions)
                 pending += expand(i, prompt, p, send_seed=self.send_seed,
                                   default_seed=lambda: int(torch.randint(0, 2**62, ())))
                 results.append([None] * n)

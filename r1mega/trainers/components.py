@@ -7,7 +7,7 @@ task or checkpoint format they got.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ from r1mega.data.datasets import load_prompt_dataset
 from r1mega.data.tasks import make_task_dataset
 from r1mega.data.templates import get_template
 from r1mega.data.tokenizer import Tokenizer, build_default_tokenizer
+from r1mega.rollout.engine import max_len_for
 
 
 def pick_device(name: str) -> torch.device:
@@ -80,7 +81,11 @@ def build_engine(rollout: RolloutConfig, policy, tokenizer: Tokenizer, max_len: 
     raise ValueError(f"rollout.engine={rollout.engine!r}: expected 'native' or 'sglang'")
 
 
-def longest_sequence(cfg: Config, train_rows, tokenizer: Tokenizer) -> int:
-    longest_prompt = max(len(tokenizer.encode(r["prompt"])) for r in train_rows[:2048])
+def longest_sequence(cfg: Config, tokenizer: Tokenizer, model_config,
+                     row_sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
+    """The engine's max_len: the longest prompt of every row that can reach it (`row_sets`: set name ->
+    rows, the training and the held-out ones) + the schedule's longest max_new_tokens. A prompt that
+    would run past the model's max_position_embeddings is refused here, its row named."""
+    prompts = {name: [tokenizer.encode(r["prompt"]) for r in rows] for name, rows in row_sets.items()}
     longest_response = max(value for _, value in cfg.rollout.max_new_tokens)
-    return longest_prompt + longest_response + 1
+    return max_len_for(prompts, longest_response, model_config.max_position_embeddings, key="rollout.max_new_tokens")

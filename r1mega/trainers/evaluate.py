@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from r1mega.rollout.engine import raise_refused
 from r1mega.trainers.metrics import reflective_word_count
 
 
@@ -41,6 +42,7 @@ def rollout_metrics(samples, scores, batch, tokenizer) -> dict[str, float]:
 def generate_and_score(engine, tokenizer, rows: Sequence[Mapping[str, Any]], scorer, sampling):
     """(`sampling.n` samples per question, flat, question after question; their scores)."""
     groups = engine.generate([tokenizer.encode(r["prompt"]) for r in rows], sampling)
+    raise_refused(groups, rows)
     samples = [s for group in groups for s in group]
     return samples, scorer.score([s.text for s in samples], [r for r in rows for _ in range(sampling.n)])
 

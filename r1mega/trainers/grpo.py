@@ -27,7 +27,7 @@ from r1mega.ops.group_advantages import group_advantages
 from r1mega.parallel import dist_checkpoint
 from r1mega.parallel.launch import fail, shutdown
 from r1mega.rewards import ScoringPool
-from r1mega.rollout.engine import SamplingParams
+from r1mega.rollout.engine import SamplingParams, raise_refused
 from r1mega.trainers import checkpoint
 from r1mega.trainers.components import (
     build_engine, build_policy, build_prompt_sets, build_tokenizer, longest_sequence, pick_device,
@@ -47,7 +47,9 @@ from r1mega.trainers.schedule import lr_factor, value_at
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, prompts=None):
+        """`prompts`: the training prompt stream (take, state_dict, load_state_dict, rows) in place of one over
+        the data config's training set (the pipeline's stage 4); the engine is sized for all its rows."""
         self.cfg, algo = cfg, cfg.algo
         pin_cpu_kernels(cfg.train.cpu_isa)
         if cfg.train.cpu_threads > 0:
@@ -58,11 +60,13 @@ class GRPOTrainer:
             self.tokenizer = build_tokenizer(cfg.data, cfg.model)
             train_rows, self.test_rows = build_prompt_sets(cfg.data, cfg.train.seed)
             policy = build_policy(cfg.model, self.tokenizer, cfg.data, cfg.train.seed).to(self.device)
-        self.prompts = PromptStream(train_rows, cfg.train.seed)
+        self.prompts = prompts if prompts is not None else PromptStream(train_rows, cfg.train.seed)
         self.reference = self.dp.parallelize(copy.deepcopy(policy).requires_grad_(False).eval())
         # The engine copies the full weights before the policy is sharded.
         self.engine = build_engine(cfg.rollout, policy, self.tokenizer,
-                                   longest_sequence(cfg, train_rows, self.tokenizer), self.device)
+                                   longest_sequence(cfg, self.tokenizer, policy.config,
+                                                    {"training": self.prompts.rows, "held-out": self.test_rows}),
+                                   self.device)
         self.policy = trainable(cfg.model, policy, self.dp)
         self.scorer = ScoringPool(list(cfg.reward.components.items()), cfg.reward.num_workers, cfg.reward.timeout)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
@@ -89,6 +93,7 @@ class GRPOTrainer:
         started = time.perf_counter()
         rows = self.dp.local(self.prompts.take(algo.questions_per_step))  # every rank draws all, keeps its share
         groups = self.engine.generate([self.tokenizer.encode(r["prompt"]) for r in rows], self.sampling(step))
+        raise_refused(groups, rows)
         samples = [sample for group in groups for sample in group]
         sample_rows = [row for row in rows for _ in range(algo.group_size)]
         timings["time/rollout"] = time.perf_counter() - started

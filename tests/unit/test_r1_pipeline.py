@@ -13,6 +13,9 @@ from omegaconf import OmegaConf
 from r1mega.cli.train import CONF_DIR
 from r1mega.pipeline.config import STAGES, register_pipeline_configs
 from r1mega.pipeline.runner import FINISHED, run_pipeline, stage_dirs
+from r1mega.pipeline.schedule import general_steps
+from r1mega.pipeline.stages import all_scenario_prompts
+from r1mega.rewards import get_reward
 
 MINIMAL = [
     "model.init=random", "algo.questions_per_step=2", "algo.group_size=2", "algo.mini_batches=1",
@@ -22,6 +25,7 @@ MINIMAL = [
     "pipeline.rejection.prompts=4", "pipeline.rejection.sampling.k=2", "pipeline.rejection.sampling.max_new_tokens=6",
     "pipeline.rejection.sampling.min_language_consistency=0.0",
     "pipeline.rejection_sft.batch_size=8", "pipeline.rejection_sft.epochs=1",
+    "pipeline.all_scenario_rl.general_steps=1",  # its one step with general prompts and the reward model
     "pipeline.all_scenario_rl.reward_model.steps=1", "pipeline.all_scenario_rl.reward_model.pairs=8",
     "pipeline.all_scenario_rl.reward_model.batch_size=2", "pipeline.distill.epochs=1", "pipeline.distill.batch_size=8",
     "pipeline.eval.size=2", "pipeline.eval.sampling.k=2", "pipeline.eval.sampling.pass_k=[1,2]",
@@ -56,6 +60,32 @@ def test_stage_zero_then_skip_and_rerun(tmp_path, capsys):
 
     with pytest.raises(FileNotFoundError, match="1 cold_start"):
         run_pipeline(make_config(tmp_path, "pipeline.start_stage=2", "pipeline.stop_stage=2"))
+
+
+def test_stage_four_has_general_data_and_the_reward_model_in_its_final_steps_only(monkeypatch):
+    # The paper's second RL stage: 1,700 steps, general data and preference rewards only in the final 400.
+    register_pipeline_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("pipeline", overrides=["pipeline.all_scenario_rl.steps=1700",
+                                                                 "data.train_size=64"]))
+    prompts = all_scenario_prompts(cfg)
+    step = 0
+    prompts.follow(lambda: step)
+    monkeypatch.delenv("R1MEGA_HELPFUL_RM", raising=False)  # the reward model, if it ran, would fail
+    helpful_rm = get_reward("helpful_rm")
+    for step in (0, 700, 1299):
+        rows = prompts.take(32)
+        assert all("answer" in row for row in rows), step  # reasoning rows only
+        assert all(helpful_rm("<think> a </think> b", row).score == 0.0 for row in rows)  # the model never runs
+    for step in (1300, 1699):
+        general = [row for row in prompts.take(32) if "answer" not in row]
+        assert general, step
+        with pytest.raises(RuntimeError, match="R1MEGA_HELPFUL_RM"):  # the reward model scores them
+            helpful_rm("<think> a </think> b", general[0])
+    # Scaled in proportion for shorter stages; a configured count must fit in the stage.
+    assert general_steps(1700, None) == 400 and general_steps(30, None) == 7 and general_steps(30, 5) == 5
+    with pytest.raises(ValueError, match="pipeline.all_scenario_rl.general_steps=31"):
+        general_steps(30, 31)
 
 
 def test_config_is_strict(tmp_path):
