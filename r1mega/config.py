@@ -49,11 +49,19 @@ class DataConfig:
 
 
 @dataclass
+class SandboxConfig:
+    # The code sandbox's isolation modes weaker than its strongest ("namespace") that may be used by
+    # name, e.g. [none] on a machine without namespaces; r1mega/rewards/sandbox.py says what each gives.
+    allow: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RewardConfig:
     # name -> weight, chosen by a conf/reward/ preset (default `rule`: accuracy + format, equal weights).
     components: dict[str, float] = field(default_factory=dict)
     num_workers: int = 0
     timeout: float = 10.0
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass

@@ -117,6 +117,7 @@ def rejection_sft(cfg: PipelineConfig, source: Path, base_dir: Path, out: Path) 
     from r1mega.data.datasets import load_sft_dataset
     from r1mega.pipeline.rejection import mix, rejection_sample, write_jsonl
     from r1mega.rewards import ScoringPool
+    from r1mega.rewards.sandbox import allow_isolation
     from r1mega.rollout.engine import max_len_for
     from r1mega.rollout.native import NativeEngine
 
@@ -128,6 +129,7 @@ def rejection_sft(cfg: PipelineConfig, source: Path, base_dir: Path, out: Path) 
                           model.config.max_position_embeddings, key="pipeline.rejection.sampling.max_new_tokens")
     engine = NativeEngine(model, tokenizer, max_slots=cfg.rollout.max_slots, max_len=max_len,
                           device=pick_device(cfg.train.device))
+    allow_isolation(cfg.reward.sandbox.allow)
     with ScoringPool(dict(stage.reward), cfg.reward.num_workers, cfg.reward.timeout) as scorer:
         kept, stats = rejection_sample(engine, tokenizer, rows, scorer, stage.sampling, source=str(source))
     if not kept:

@@ -14,11 +14,12 @@
 share that pass; `sample["code_reward"] = "pass_rate"` or `"all"` overrides the registered choice per
 row. `sample["time_limit_s"]` sets the per-run wall-clock limit (CPU limit follows it).
 
-The function-call driver runs in the same interpreter as the solution, so a program that inspects its
-caller could forge results: the markers it must print are keyed by a nonce it reads from stdin before
-the solution runs, which keeps honest mistakes from ever passing but is no defence against a program
-written to attack the driver. Deliberately left out: languages other than Python, special judges
-(floating-point output tolerance, several valid outputs), and per-test memory limits.
+The function-call driver runs in the same interpreter as the solution and writes one JSON line per call
+to the sandbox's results pipe (fd 3), which the host reads apart from stdout: nothing the solution
+prints can count as a result, and there is no secret for it to find. A solution can write to that pipe
+too, but a line it writes there only claims a value it could as well have returned. Deliberately left
+out: languages other than Python, special judges (floating-point output tolerance, several valid
+outputs), and per-test memory limits.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import ast
 import json
 import math
 import re
-import secrets
 from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
@@ -35,16 +35,18 @@ from r1mega.rewards.registry import RewardOutput, register_reward
 from r1mega.rewards.sandbox import Limits, SandboxResult, run_python
 
 _FENCE = re.compile(r"```[ \t]*(python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
-_DRIVER = """import json as _json, sys as _sys
-_nonce, _calls = _json.loads(_sys.stdin.read())
+_DRIVER = """import json as _json, os as _os, sys as _sys
+_calls = _json.loads(_sys.stdin.read())
+_results = _os.fdopen(3, "w")
 _ns = {{"__name__": "__solution__"}}
 exec(compile({solution!r}, "solution.py", "exec"), _ns)
-for _i, _call in enumerate(_calls):
+for _call in _calls:
     try:
         _out = {{"ok": True, "repr": repr(eval(_call, _ns))}}
     except BaseException as _e:
         _out = {{"ok": False, "error": type(_e).__name__}}
-    print("\\n" + _nonce + _json.dumps(_out), flush=True)
+    _results.write(_json.dumps(_out) + "\\n")
+    _results.flush()
 """
 
 
@@ -103,10 +105,21 @@ def _run_io_tests(code: str, tests: Sequence[Mapping[str, Any]], limits: Limits,
     return passed, reason
 
 
+def _outcome(line: str) -> dict[str, Any]:
+    """One line of the results pipe; anything but the driver's two shapes is a failed call."""
+    try:
+        out = json.loads(line)
+    except ValueError:
+        out = None
+    if isinstance(out, dict) and ((out.get("ok") is True and isinstance(out.get("repr"), str))
+                                  or (out.get("ok") is False and isinstance(out.get("error"), str))):
+        return out
+    return {"ok": False, "error": "a malformed result"}
+
+
 def _run_call_tests(code: str, tests: Sequence[Mapping[str, Any]], limits: Limits) -> tuple[int, str | None]:
-    nonce = secrets.token_hex(16)
-    result = run_python(_DRIVER.format(solution=code), json.dumps([nonce, [str(t["call"]) for t in tests]]), limits)
-    outcomes = [json.loads(line[len(nonce):]) for line in result.stdout.splitlines() if line.startswith(nonce)]
+    result = run_python(_DRIVER.format(solution=code), json.dumps([str(t["call"]) for t in tests]), limits)
+    outcomes = [_outcome(line) for line in result.results.splitlines()]
     passed, reason = 0, None
     for i, test in enumerate(tests):
         if i >= len(outcomes):

@@ -27,6 +27,7 @@ from r1mega.ops.group_advantages import group_advantages
 from r1mega.parallel import dist_checkpoint
 from r1mega.parallel.launch import fail, shutdown
 from r1mega.rewards import ScoringPool
+from r1mega.rewards.sandbox import allow_isolation
 from r1mega.rollout.engine import SamplingParams, raise_refused
 from r1mega.trainers import checkpoint
 from r1mega.trainers.components import (
@@ -68,6 +69,7 @@ class GRPOTrainer:
                                                     {"training": self.prompts.rows, "held-out": self.test_rows}),
                                    self.device)
         self.policy = trainable(cfg.model, policy, self.dp)
+        allow_isolation(cfg.reward.sandbox.allow)  # before the pool starts: its workers inherit it
         self.scorer = ScoringPool(list(cfg.reward.components.items()), cfg.reward.num_workers, cfg.reward.timeout)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
                                            weight_decay=algo.weight_decay)
