@@ -1,19 +1,19 @@
-"""The sandbox's own code in the child: it isolates the run, starts the program and ends every process
-of the run (standard library only; sandbox.py copies this file into the run's host directory and runs
-it there, it is not imported by the package).
+"""The sandbox's supervisor: it isolates the run, starts the program and ends every process of the run
+(standard library only; sandbox.py copies this file into the run's host directory and runs it there,
+it is not imported by the package).
 
 `python _launcher.py CONFIG` is the supervisor; CONFIG (JSON) holds the mode, the limits, the host
 directory (`dir`, holding main.py), the throwaway uid (root hosts) and the results pipe's fd.
 - mode "namespace": the supervisor enters new mount, PID, network, IPC and UTS namespaces (and a new
   user namespace, mapping its own uid to 1000, when not root), then forks the namespace's init (PID
-  1), which builds the new root (`_build_root`), and forks the program's process: limits, then the
+  1), which builds the new root (`build_root`), and forks the program's process: limits, then the
   throwaway uid (root hosts) or no capabilities (user namespace), no_new_privs, the seccomp filter,
   then exec of `python main.py` in /sandbox. When the program's process ends, init reports its status
   and exits, and the kernel kills whatever else runs in the namespace; init dies with the supervisor
   (PR_SET_PDEATHSIG), so killing the supervisor ends the run too.
 - mode "none": the supervisor becomes a child subreaper and forks the program's process: limits, the
-  throwaway uid (root hosts), then exec of `python _launcher.py --guest CONFIG`, which installs the
-  audit hook (`_guard`) and runs main.py. When the program's process ends, or on SIGTERM, the
+  throwaway uid (root hosts), then exec of `python _guest.py CONFIG`, which installs an audit hook and
+  runs main.py. When the program's process ends, or on SIGTERM (the host stopping the run), the
   supervisor kills every process left below it (orphans are re-parented to it, so none is missed).
 The supervisor exits as the program's process did (same code, or killed by the same signal). Neither
 supervisor nor init can be traced or read by the program (PR_SET_DUMPABLE 0).
@@ -23,6 +23,7 @@ import ctypes
 import json
 import os
 import resource
+import select
 import signal
 import sys
 
@@ -147,6 +148,15 @@ def start_program(config, argv, env):
     os.execve(sys.executable, argv, env)
 
 
+def run_child(fn, *args):
+    """In a forked child: `fn` never returns into the parent's code; an error ends the child (its
+    traceback on stderr)."""
+    try:
+        fn(*args)
+    finally:
+        os._exit(1)
+
+
 def exit_like(status):
     """Exit as the program's process did: the same code, or killed by the same signal."""
     if os.WIFSIGNALED(status):
@@ -233,14 +243,14 @@ def build_root(config):
 def namespace_init(config, lifeline, status_pipe):
     """PID 1 of the run's namespace."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.read(lifeline, 1) != b"":  # EOF only once the supervisor closed its end... or died before prctl
+    if select.select([lifeline], [], [], 0)[0]:  # EOF: the supervisor died before PR_SET_PDEATHSIG took hold
         os._exit(1)
     build_root(config)
     prctl(PR_SET_DUMPABLE, 0)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/sandbox"}
     pid = os.fork()
     if pid == 0:
-        start_program(config, [sys.executable, "-E", "-s", "-B", "main.py"], env)
+        run_child(start_program, config, [sys.executable, "-E", "-s", "-B", "main.py"], env)
     while True:  # as PID 1, every orphan of the run is ours to reap
         child, status = os.wait()
         if child == pid:
@@ -257,13 +267,9 @@ def supervise_namespace(config):
     if pid == 0:
         os.close(lifeline_w)
         os.close(status_r)
-        try:
-            namespace_init(config, lifeline_r, status_w)
-        finally:  # a setup error: its traceback is on stderr already
-            os._exit(1)
+        run_child(namespace_init, config, lifeline_r, status_w)
     os.close(lifeline_r)
-    os.close(status_w)
-    os.close(lifeline_w)  # init reads EOF: the supervisor was alive after its PR_SET_PDEATHSIG
+    os.close(status_w)  # lifeline_w stays open as long as the supervisor lives
     os.waitpid(pid, 0)
     status = os.read(status_r, 32)
     os._exit(1) if not status else exit_like(int(status))
@@ -317,8 +323,8 @@ def supervise_none(config):
     pid = os.fork()
     if pid == 0:
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": config["dir"]}
-        start_program(config, [sys.executable, "-I", "-B", os.path.join(config["dir"], "_guest.py"), json.dumps(config)],
-                      env)
+        run_child(start_program, config, [sys.executable, "-I", "-B", os.path.join(config["dir"], "_guest.py"),
+                                          json.dumps(config)], env)
     status = os.waitpid(pid, 0)[1]
     kill_descendants()
     exit_like(status)

@@ -19,17 +19,18 @@ Isolation modes, strongest first (the strongest that runs a trivial program is u
   only writable storage is one tmpfs of `disk_bytes` holding /sandbox (the run directory, its cwd and
   HOME), /tmp and /dev/shm: nothing it writes reaches the host's disk or the host's /tmp or /dev/shm.
   No network interface but a loopback that is down (connecting anywhere, 127.0.0.1 included, fails).
-  No capabilities, no_new_privs, and a seccomp filter (x86_64, aarch64) refusing new namespaces,
-  mounts, ptrace, SysV shared memory and message queues, memfds, keyrings, bpf, perf, userfaultfd and
-  io_uring. Every process of the run is killed when the program's first process ends or the run is
-  stopped (the PID namespace ends with its init, which dies with the supervisor). Memory: at most
-  max_procs x memory_bytes of address space plus the disk_bytes tmpfs.
+  No capabilities, no_new_privs, and a seccomp filter refusing new namespaces, mounts, ptrace, SysV
+  shared memory and message queues, memfds, keyrings, bpf, perf, userfaultfd and io_uring (x86_64 and
+  aarch64: elsewhere this mode does not run). Every process of the run is killed when the program's
+  first process ends or the run is stopped (the PID namespace ends with its init, which dies with the
+  supervisor). Memory: at most max_procs x memory_bytes of address space, plus the disk_bytes tmpfs,
+  plus the kernel's own per-user bounds on pipe and socket buffers.
 - `none` (last resort; refused unless `reward.sandbox.allow` names it): the limits, the throwaway uid
   on root hosts (files and processes of other users out of reach), the supervisor as a child subreaper
   that kills every process left below it, and an audit hook (`_guest.py`) refusing to Python code
   sockets, reading outside the run directory and the interpreter, writing outside the run directory,
-  more than disk_bytes // file_bytes new files per process, starting programs, signalling other
-  processes and ctypes. An audit hook is not a security boundary (code written to get around it can),
+  more than disk_bytes // file_bytes new files per process (so at most max_procs x disk_bytes on
+  disk), starting programs, signalling other processes and ctypes. An audit hook is not a security boundary (code written to get around it can),
   and on a non-root host the program runs as the host's user: use it for trusted code only.
 
 Deliberately left out: cgroups (memory is bounded per process, see above), languages other than
