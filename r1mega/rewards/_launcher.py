@@ -34,8 +34,8 @@ GUEST_UID = 1000  # the program's uid inside a user namespace
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER = 1, 4, 38, 22, 36
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_PRIVATE, MS_REC = 1, 2, 4, 8, 32, 4096, 1 << 18, 16384
-MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_PRIVATE, MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1 << 18, 1024, 2048, 1 << 21
 MNT_DETACH = 2
 
 # What the program sees of the host, read-only (plus the interpreter's prefix); anything else
@@ -66,7 +66,8 @@ ARCHES = {
                                  request_key=218, bpf=280, perf_event_open=241, userfaultfd=282,
                                  io_uring_setup=425, clone=220, clone3=435)),
 }
-NEW_NAMESPACES = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+NEW_NAMESPACES = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID
+                  | CLONE_NEWNET)
 
 
 def check(result, what):
@@ -174,7 +175,8 @@ def enter_namespaces():
     user = 0 if uid == 0 else CLONE_NEWUSER  # root needs none and keeps the throwaway uid's RLIMIT_NPROC
     check(libc.unshare(user | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
     if user:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{GUEST_UID} {uid} 1"), ("gid_map", f"{GUEST_UID} {gid} 1")):
+        maps = (("setgroups", "deny"), ("uid_map", f"{GUEST_UID} {uid} 1"), ("gid_map", f"{GUEST_UID} {gid} 1"))
+        for name, text in maps:
             with open(f"/proc/self/{name}", "w") as f:
                 f.write(text)
 

@@ -30,8 +30,9 @@ Isolation modes, strongest first (the strongest that runs a trivial program is u
   that kills every process left below it, and an audit hook (`_guest.py`) refusing to Python code
   sockets, reading outside the run directory and the interpreter, writing outside the run directory,
   more than disk_bytes // file_bytes new files per process (so at most max_procs x disk_bytes on
-  disk), starting programs, signalling other processes and ctypes. An audit hook is not a security boundary (code written to get around it can),
-  and on a non-root host the program runs as the host's user: use it for trusted code only.
+  disk), starting programs, signalling other processes and ctypes. An audit hook is not a security
+  boundary (code written to get around it can), and on a non-root host the program runs as the host's
+  user: use it for trusted code only.
 
 Deliberately left out: cgroups (memory is bounded per process, see above), languages other than
 Python, and keeping an interpreter warm between runs.

@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import tempfile
 import textwrap
 import time
@@ -84,7 +83,8 @@ def test_isolation_in_force_is_the_strong_one(caplog):
 
 def test_weaker_mode_is_refused_unless_allowed(monkeypatch, caplog):
     real = sandbox._interpreter
-    monkeypatch.setattr(sandbox, "_interpreter", lambda mode: (None, "no namespaces") if mode == "namespace" else real(mode))
+    monkeypatch.setattr(sandbox, "_interpreter",
+                        lambda mode: (None, "no namespaces") if mode == "namespace" else real(mode))
     monkeypatch.setenv(sandbox.ALLOW_ENV, "")  # and put back afterwards
     sandbox.isolation.cache_clear()
     try:
@@ -160,7 +160,8 @@ def test_hostile_program_scores_zero(name, mode, monkeypatch):
     result = run_python(program(HOSTILE[name]), "", FAST, mode=mode)
     # A program that closes its stdout may well exit 0: it ends, with nothing to show for it.
     assert (result.ok and result.stdout == "") if name == "closes stdout" else not result.ok
-    assert code_accuracy(as_completion(HOSTILE[name]), {"tests": [{"input": "", "output": "ok"}], "time_limit_s": 2}).score == 0.0
+    sample = {"tests": [{"input": "", "output": "ok"}], "time_limit_s": 2}
+    assert code_accuracy(as_completion(HOSTILE[name]), sample).score == 0.0
     assert sandbox_processes() == 0  # nothing left behind
     if name in ("infinite loop", "sleep forever"):
         assert result.timed_out or result.returncode in (-9, -24)  # wall clock or SIGXCPU/SIGKILL
