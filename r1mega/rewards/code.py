@@ -161,11 +161,11 @@ def score_code(completion: str, sample: Mapping[str, Any], mode: str) -> RewardO
     return RewardOutput(passed / len(tests), reason)
 
 
-@register_reward("code_accuracy")
+@register_reward("code_accuracy", runs_code=True)
 def code_accuracy(completion: str, sample: Mapping[str, Any]) -> RewardOutput:
     return score_code(completion, sample, "all")
 
 
-@register_reward("code_pass_rate")
+@register_reward("code_pass_rate", runs_code=True)
 def code_pass_rate(completion: str, sample: Mapping[str, Any]) -> RewardOutput:
     return score_code(completion, sample, "pass_rate")

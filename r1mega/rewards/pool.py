@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Mapping, Sequence
 
-from r1mega.rewards.registry import ComponentsLike, compose, get_reward
+from r1mega.rewards.registry import ComponentsLike, compose, get_reward, runs_code
+from r1mega.rewards.sandbox import isolation
 
 
 @dataclass
@@ -101,6 +102,11 @@ class ScoringPool:
         for module in self.modules:
             importlib.import_module(module)
         self.specs = compose(components)
+        if any(runs_code(spec.name) for spec in self.specs):
+            # Before any work: a machine whose sandbox is weaker than allowed stops the run here, not as
+            # a zero reward for every program.
+            mode, python = isolation()
+            print(f"code sandbox: {mode} isolation, programs run by {python}")
         self.num_workers, self.timeout = num_workers, timeout
         self._ctx = None
 

@@ -33,18 +33,27 @@ class RewardFn(Protocol):
 
 
 _REGISTRY: dict[str, RewardFn] = {}
+_RUNS_CODE: set[str] = set()
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator registering `fn` under `name`; a second, different function under a taken name fails."""
+def register_reward(name: str, *, runs_code: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator registering `fn` under `name`; a second, different function under a taken name fails.
+    `runs_code`: the reward executes model-written programs (in the sandbox), so a pool using it checks
+    the sandbox's isolation before any scoring."""
 
     def decorate(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"reward {name!r} is already registered (by {_REGISTRY[name]!r})")
         _REGISTRY[name] = fn
+        if runs_code:
+            _RUNS_CODE.add(name)
         return fn
 
     return decorate
+
+
+def runs_code(name: str) -> bool:
+    return name in _RUNS_CODE
 
 
 def get_reward(name: str) -> RewardFn:

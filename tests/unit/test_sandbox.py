@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from r1mega.config import Config
-from r1mega.rewards import get_reward, sandbox
+from r1mega.rewards import ScoringPool, get_reward, sandbox
 from r1mega.rewards.sandbox import _UID_BASE, MODES, Limits, SandboxRefused, run_python
 
 FAST = Limits(cpu_s=2, wall_s=4.0, memory_bytes=512 << 20, max_procs=16, file_bytes=1 << 20, output_bytes=1 << 16,
@@ -96,6 +96,23 @@ def test_weaker_mode_is_refused_unless_allowed(monkeypatch, caplog):
         with caplog.at_level(logging.WARNING, logger="r1mega.rewards.sandbox"):
             assert run_python("print(1)", "", FAST).stdout == "1\n"
         assert sandbox.isolation()[0] == "none" and "'none'" in caplog.text and "no namespaces" in caplog.text
+    finally:
+        sandbox.isolation.cache_clear()
+
+
+def test_a_pool_with_a_code_reward_refuses_a_weaker_sandbox_before_scoring(monkeypatch, capsys):
+    real = sandbox._interpreter
+    monkeypatch.setattr(sandbox, "_interpreter",
+                        lambda mode: (None, "no namespaces") if mode == "namespace" else real(mode))
+    monkeypatch.setenv(sandbox.ALLOW_ENV, "")
+    sandbox.isolation.cache_clear()
+    try:
+        ScoringPool({"math_accuracy": 1.0})  # no program to run: no sandbox needed
+        with pytest.raises(SandboxRefused, match=r"reward\.sandbox\.allow=\[none\]"):
+            ScoringPool({"math_accuracy": 1.0, "code_accuracy": 1.0})
+        sandbox.allow_isolation(["none"])
+        ScoringPool({"code_pass_rate": 1.0})
+        assert "code sandbox: none isolation" in capsys.readouterr().out
     finally:
         sandbox.isolation.cache_clear()
 
