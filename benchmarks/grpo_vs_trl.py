@@ -99,8 +99,9 @@ def r1mega_config(model_dir: Path, out_dir: Path, args, steps: int):
 
     overrides = [
         f"model.path={model_dir}", "data.task=arithmetic", "data.template=r1_zero", "data.train_size=512",
-        "data.test_size=4", f"algo.questions_per_step={args.questions}", f"algo.group_size={args.group}",
-        "algo.mini_batches=1", "algo.inner_epochs=1", f"algo.lr={args.lr}", "algo.betas=[0.9,0.999]",
+        "data.test_size=4", f"algo.train_batch_size={args.questions}", f"algo.group_size={args.group}",
+        f"algo.ppo_mini_batch_size={args.questions}", "algo.inner_epochs=1", f"algo.lr={args.lr}",
+        "algo.betas=[0.9,0.999]",
         "algo.weight_decay=0.0", "algo.schedule=constant", "algo.warmup_steps=0", "algo.grad_clip=1.0",
         f"algo.beta={args.beta}", f"algo.clip_low={args.epsilon}", f"algo.clip_high={args.epsilon}",
         f"algo.agg={AGG[args.loss_type]}", "algo.adv_eps=1e-4", "algo.scale_by_std=true", "algo.kl_in_reward=false",
@@ -284,16 +285,14 @@ class R1megaSteps:
             return groups
 
         self.trainer.engine.generate = counting_generate
-        self.trainer.step = 0
 
     def step(self) -> None:
         started, cpu = time.perf_counter(), time.process_time()
         metrics = self.trainer.train_step()
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-        if self.trainer.step >= self.warmup:
+        if self.trainer.step > self.warmup:  # one optimizer step a rollout: steps done, this one included
             self.rows.append({"wall_s": wall, "cpu_s": cpu, "tokens": self.tokens[-1], "rollout_s": metrics["time/rollout"],
                               "reward_mean": metrics["reward/mean"], "loss": metrics["train/loss"]})
-        self.trainer.step += 1
 
     def close(self) -> None:
         self.trainer.scorer.close()

@@ -20,8 +20,13 @@ class ModelConfig:
     preset: str = "tiny_deepseek_v3"
     # A local Hugging Face directory or an r1mega native checkpoint directory.
     path: Optional[str] = None
-    # "base" pretrains (once, then cached) the tiny preset on synthetic demonstrations before RL.
+    # Without `path`: "base" pretrains (once, then cached) the preset on synthetic demonstrations
+    # before RL, "random" trains the preset from random weights (tests); anything else needs `path`,
+    # which, when set, is loaded whatever `init` says.
     init: str = "base"
+    # The policy's, the reference's and the native engine's weights. float32 only: AdamW steps the
+    # policy's own weights (no fp32 master copy), which in bfloat16 would lose updates smaller than
+    # 1/256 of a weight. SGLang's rollout weights have their own dtype (rollout.sglang.dtype).
     dtype: str = "float32"
     # "native" (r1mega's Transformer) or "megatron" (megatron-core GPTModel; GPU, one process).
     backend: str = "native"
@@ -84,8 +89,8 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    # [[step, max_new_tokens], ...]: the length in force from each step on (paper: 32,768, then 65,536
-    # after step 8.2k).
+    # [[step, max_new_tokens], ...]: the length in force from each step on, read at each rollout's first
+    # step (paper: 32,768, then 65,536 after step 8.2k: from the rollout at step 8,208 on with 16 a rollout).
     max_new_tokens: list[list[int]] = field(default_factory=lambda: [[0, 32768], [8200, 65536]])
     max_slots: int = 512
     kv_cache_bytes: int = 0  # 0: sized from max_slots and the longest sequence
@@ -94,13 +99,21 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    questions_per_step: int = 32
+    # Batch sizes count questions (prompts), as verl's do. Each rollout generates `train_batch_size`
+    # questions x `group_size` samples, split at random into mini-batches of `ppo_mini_batch_size`
+    # questions' worth of samples. A step is one optimizer step on one mini-batch, so a rollout is
+    # inner_epochs * train_batch_size / ppo_mini_batch_size steps (the paper: 8,192 outputs per rollout,
+    # 16 steps of 32 x 16 = 512). Every count of steps (train.steps, *_every, warmup_steps, the
+    # rollout.max_new_tokens schedule) is in these steps.
+    train_batch_size: int = 512
+    ppo_mini_batch_size: int = 32
     group_size: int = 16
-    mini_batches: int = 16
     inner_epochs: int = 1
     lr: float = 3e-6
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    # Linear warm-up, then constant or cosine to 0 at train.steps; a rollout's steps all take the value
+    # at its first step (the learning rate changes between rollouts, not within one).
     warmup_steps: int = 0
     schedule: str = "constant"  # or "cosine"
     grad_clip: float = 1.0
@@ -110,11 +123,16 @@ class AlgoConfig:
     agg: str = "seq-mean-token-mean"
     adv_eps: float = 1e-6
     scale_by_std: bool = True
+    # True: no KL term in the loss; instead beta * sum over the response of the k1 estimator
+    # (log pi_old - log pi_ref, per token) is subtracted from each sample's reward before the group
+    # advantages. train/kl then logs that k1 estimate per token, reward/kl_penalty the mean amount
+    # subtracted. False: the loss's k3 term (r1mega/ops/grpo_loss.py), logged as train/kl.
     kl_in_reward: bool = False
+    # The reference is replaced by the policy after every this many steps (a multiple of a rollout's steps).
     ref_reset_every: int = 400
     token_budget: int = 16384  # tokens per micro-batch after packing
     expert_bias_rate: float = 0.001
-    max_nan_steps: int = 3
+    max_nan_steps: int = 3  # optimizer steps in a row skipped for a NaN/inf loss or gradient stop the run
 
 
 @dataclass
@@ -123,18 +141,19 @@ class ParallelConfig:
     dp_replicate: int = 1
     tp: int = 1
     ep: int = 1
-    pp: int = 1
-    pp_schedule: str = "1f1b"  # or "interleaved_1f1b"
-    pp_stages_per_rank: int = 1  # > 1 with the interleaved schedule
-    pp_microbatches: int = 0  # 0: one per pipeline stage
-    activation_checkpointing: str = "none"  # "none", "full", "selective"
+    pp: int = 1  # the GRPO trainer refuses anything but 1 (r1mega/trainers/data_parallel.py says why)
+    activation_checkpointing: str = "none"  # "none", "full", "selective" (r1mega/parallel/checkpointing.py)
 
 
 @dataclass
 class TrainConfig:
+    # Optimizer steps (algo.train_batch_size says how many a rollout makes); a last rollout that would
+    # pass `steps` trains only its first mini-batches.
     steps: int = 10400
     seed: int = 0
     out_dir: str = "runs/default"
+    # A checkpoint, and a held-out evaluation, after each rollout in which the step count reaches a
+    # multiple of these (and after the last).
     save_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False

@@ -53,4 +53,7 @@ def pretrained_base(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConf
     train_sft(model, _examples(model_cfg, tokenizer, data, seed), steps=model_cfg.base_steps,
               batch_size=model_cfg.base_batch_size, lr=model_cfg.base_lr, seed=seed, log_every=25)
     save_native(model, path)
-    return model
+    # Read back: the run that pretrained starts from what every later run reads from the cache, not from
+    # a model that still holds the MoE loads its pretraining counted (they would enter the first
+    # expert-bias update of RL).
+    return load_native(path)

@@ -1,7 +1,7 @@
 """Training checkpoints that a kill can never leave half-written.
 
 A checkpoint is a directory `step_<n>` holding `state.pt` (everything `torch.save` can hold: model,
-reference model, optimizer, scheduler, RNG states, data position, engine version). It is written
+reference model, optimizer, step and rollout counts, RNG states, data position, engine version). It is written
 under a temporary name, flushed, then renamed (models.checkpoint.atomic_dir, the mechanism model
 checkpoints use too); `latest` is a one-line file replaced atomically with
 `os.replace`, so a reader sees either the old checkpoint or the new one. Older checkpoints beyond

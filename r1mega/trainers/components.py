@@ -50,20 +50,27 @@ def build_prompt_sets(data: DataConfig, seed: int) -> tuple[list[Mapping[str, An
 
 
 def build_policy(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int):
-    """The policy `Transformer`: from a checkpoint, the tiny preset pretrained on demonstrations, or random."""
+    """The policy `Transformer` in float32 (config.py: model.dtype): from a checkpoint, the preset
+    pretrained on demonstrations, or the preset at random (model.init)."""
     from r1mega.models import Transformer, preset
     from r1mega.models.checkpoint import is_native, load_native
     from r1mega.models.hf import load as load_hf
 
+    if model_cfg.dtype != "float32":
+        raise ValueError(f"model.dtype={model_cfg.dtype!r}: the trainer holds its weights in float32 only (AdamW "
+                         "steps them with no fp32 master copy); rollout.sglang.dtype sets SGLang's rollout weights")
     if model_cfg.path:
         path = Path(model_cfg.path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model.path={path} has no config.json")
-        return load_native(path) if is_native(path) else load_hf(path)[0]
+        return load_native(path, dtype=torch.float32) if is_native(path) else load_hf(path, dtype=torch.float32)[0]
     if model_cfg.init == "base":
         from r1mega.trainers.base_model import pretrained_base
 
         return pretrained_base(model_cfg, tokenizer, data, seed)
+    if model_cfg.init != "random":
+        raise ValueError(f"model.init={model_cfg.init!r} needs model.path (a Hugging Face or r1mega checkpoint "
+                         "directory); without one, model.init is 'base' or 'random'")
     torch.manual_seed(seed)
     return Transformer(preset(model_cfg.preset, vocab_size=tokenizer.vocab_size))
 

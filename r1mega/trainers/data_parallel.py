@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from r1mega.models.balance import moe_layers
 from r1mega.parallel import ParallelDims, init_distributed, parallelize
+from r1mega.parallel.checkpointing import apply_activation_checkpointing
 from r1mega.parallel.fsdp import sum_gradients
 from r1mega.rewards import ScoreResult
 from r1mega.trainers.policy_update import EXTREMES
@@ -89,19 +90,19 @@ class DataParallel:
             if split:
                 raise ValueError(f"{', '.join(f'parallel.{k}={v}' for k, v in split.items())} needs as many processes: "
                                  "launch with torchrun --nproc-per-node N")
-            return cls(), device
+            return cls(parallel_cfg=cfg.parallel), device
         _, world, device = init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
         dims = ParallelDims.from_config(cfg.parallel, world)
         dims.build_mesh(device.type)
         algo = cfg.algo
-        if algo.questions_per_step % dims.dp_size:
-            raise ValueError(f"algo.questions_per_step={algo.questions_per_step} must be a multiple of the "
+        if algo.train_batch_size % dims.dp_size:
+            raise ValueError(f"algo.train_batch_size={algo.train_batch_size} must be a multiple of the "
                              f"data-parallel degree {dims.dp_size}: every rank generates the same share")
-        sequences = algo.questions_per_step * algo.group_size
-        if sequences % (algo.mini_batches * dims.dp_size):
-            raise ValueError(f"algo.questions_per_step * algo.group_size = {sequences} must be a multiple of "
-                             f"algo.mini_batches * data-parallel degree = {algo.mini_batches} * {dims.dp_size}: "
-                             "every rank runs the same number of micro-batches of each mini-batch")
+        sequences = algo.ppo_mini_batch_size * algo.group_size
+        if sequences % dims.dp_size:
+            raise ValueError(f"algo.ppo_mini_batch_size * algo.group_size = {sequences} must be a multiple of the "
+                             f"data-parallel degree {dims.dp_size}: every rank runs the same number of "
+                             "micro-batches of each mini-batch")
         return cls(dims, device, cfg.parallel), device
 
     # ---- setup
@@ -116,9 +117,11 @@ class DataParallel:
 
     def parallelize(self, model):
         """FSDP2 over the data-parallel ranks, gradients summed. The root's parameters (embedding, final
-        norm, output head) stay gathered after a forward: the loss reads `output_weight` after it."""
+        norm, output head) stay gathered after a forward: the loss reads `output_weight` after it. In one
+        process: activation checkpointing only (parallel.activation_checkpointing)."""
         if self.dims is None:
-            return model
+            mode = self.parallel_cfg.activation_checkpointing if self.parallel_cfg is not None else "none"
+            return apply_activation_checkpointing(model, mode)
         return sum_gradients(parallelize(model, self.dims, self.parallel_cfg))
 
     # ---- rollouts

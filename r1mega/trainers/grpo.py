@@ -1,10 +1,14 @@
 """GRPO, as DeepSeek-R1 trains with it: the driver of a run.
 
-Each step: Q questions x G samples from the engine; rule rewards; group advantages; old and reference
-logprobs recomputed by the trainer (the engine's are kept to log the mismatch); inner epochs of
-shuffled mini-batches through the fused logprob + GRPO loss; the MoE expert-bias update; the new
-weights copied into the engine in place; metrics; a checkpoint every N steps; the reference replaced
-by the policy every `ref_reset_every` steps. The maths lives in r1mega.ops; this file is the order.
+A step is the paper's: one optimizer step on one mini-batch. Each rollout: `train_batch_size`
+questions x G samples from the engine; rule rewards; group advantages; old and reference logprobs
+recomputed by the trainer (the engine's are kept to log the mismatch); inner epochs of shuffled
+mini-batches through the fused logprob + GRPO loss, one step each (R1-Zero: 8,192 samples, 16 steps
+of 512); the MoE expert-bias update (once per rollout, from the load of all its steps); the new
+weights copied into the engine in place; one row of metrics, keyed by the steps done; a checkpoint,
+an evaluation, a reference reset when the rollout's steps reach a multiple of their interval. What
+changes with the step (learning rate, max_new_tokens) takes its value at the rollout's first step.
+The maths lives in r1mega.ops; this file is the order.
 
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
 generates and scores its share of the questions, the rollouts are gathered, each rank runs its share of
@@ -41,7 +45,9 @@ from r1mega.trainers.plots import plot_metrics
 from r1mega.trainers.policy_model import (
     engine_weights, expert_load_stats, reset_reference, trainable, update_expert_bias,
 )
-from r1mega.trainers.policy_update import is_on_policy, sequence_logprobs, update_policy
+from r1mega.trainers.policy_update import (
+    is_on_policy, sequence_kl, sequence_logprobs, steps_per_rollout, update_policy,
+)
 from r1mega.trainers.prompts import PromptStream
 from r1mega.trainers.rollout_batch import RolloutBatch
 from r1mega.trainers.schedule import lr_factor, value_at
@@ -52,6 +58,11 @@ class GRPOTrainer:
         """`prompts`: the training prompt stream (take, state_dict, load_state_dict, rows) in place of one over
         the data config's training set (the pipeline's stage 4); the engine is sized for all its rows."""
         self.cfg, algo = cfg, cfg.algo
+        self.steps_per_rollout = steps_per_rollout(algo)
+        if algo.ref_reset_every % self.steps_per_rollout:
+            raise ValueError(f"algo.ref_reset_every={algo.ref_reset_every} must be a multiple of the steps of a "
+                             f"rollout ({self.steps_per_rollout}: algo.inner_epochs * algo.train_batch_size / "
+                             "algo.ppo_mini_batch_size): the reference is replaced between rollouts")
         pin_cpu_kernels(cfg.train.cpu_isa)
         if cfg.train.cpu_threads > 0:
             torch.set_num_threads(cfg.train.cpu_threads)
@@ -73,28 +84,37 @@ class GRPOTrainer:
         self.scorer = ScoringPool(list(cfg.reward.components.items()), cfg.reward.num_workers, cfg.reward.timeout)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
                                            weight_decay=algo.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, warmup_steps=algo.warmup_steps, total_steps=cfg.train.steps, kind=algo.schedule))
         self.shuffle = random.Random(cfg.train.seed)
-        self.step, self.nan_streak = 0, 0
+        self.step, self.rollout, self.nan_streak = 0, 0, 0  # optimizer steps and rollouts done
         if cfg.train.resume:
             self._resume()
-        self.logger = MetricsLogger(cfg.train.out_dir, resume_step=self.step - 1 if cfg.train.resume else None,
+        self.logger = MetricsLogger(cfg.train.out_dir, resume_step=self.step if cfg.train.resume else None,
                                     tensorboard=cfg.train.tensorboard,
                                     wandb_project=cfg.train.wandb_project) if self.dp.is_main else None
 
-    def sampling(self, step: int) -> SamplingParams:
+    def sampling(self) -> SamplingParams:
+        """The next rollout's: its length is the schedule's at its first step, its seed the rollout's."""
         rollout = self.cfg.rollout
         return SamplingParams(
             n=self.cfg.algo.group_size, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-            max_new_tokens=value_at(rollout.max_new_tokens, step), stop_token_ids=[self.tokenizer.eos_token_id],
-            seed=self.cfg.train.seed * 1_000_003 + step)
+            max_new_tokens=value_at(rollout.max_new_tokens, self.step), stop_token_ids=[self.tokenizer.eos_token_id],
+            seed=self.cfg.train.seed * 1_000_003 + self.rollout)
+
+    def lr(self, step: int) -> float:
+        cfg = self.cfg
+        return cfg.algo.lr * lr_factor(step, warmup_steps=cfg.algo.warmup_steps, total_steps=cfg.train.steps,
+                                       kind=cfg.algo.schedule)
 
     def train_step(self) -> dict[str, float]:
-        cfg, algo, step, timings = self.cfg, self.cfg.algo, self.step, {}
+        """One rollout and its optimizer steps (fewer when train.steps comes first); advances `step`."""
+        cfg, algo, timings = self.cfg, self.cfg.algo, {}
+        steps = min(self.steps_per_rollout, cfg.train.steps - self.step)
+        if steps <= 0:
+            raise RuntimeError(f"train.steps={cfg.train.steps} already reached")
+        sampling = self.sampling()
         started = time.perf_counter()
-        rows = self.dp.local(self.prompts.take(algo.questions_per_step))  # every rank draws all, keeps its share
-        groups = self.engine.generate([self.tokenizer.encode(r["prompt"]) for r in rows], self.sampling(step))
+        rows = self.dp.local(self.prompts.take(algo.train_batch_size))  # every rank draws all, keeps its share
+        groups = self.engine.generate([self.tokenizer.encode(r["prompt"]) for r in rows], sampling)
         raise_refused(groups, rows)
         samples = [sample for group in groups for sample in group]
         sample_rows = [row for row in rows for _ in range(algo.group_size)]
@@ -109,14 +129,20 @@ class GRPOTrainer:
             batch.old_logp = self._logprobs(self.policy, batch)
         if algo.beta > 0:
             batch.ref_logp = self._logprobs(self.reference, batch)
-        rewards = batch.rewards
-        if algo.kl_in_reward and batch.ref_logp is not None:
-            rewards = rewards - algo.beta * ((batch.old_logp - batch.ref_logp) * batch.mask).sum(1)
+        rewards, kl_stats = batch.rewards, {}
+        if algo.kl_in_reward and batch.ref_logp is not None:  # the KL leaves the loss for the reward (config.py)
+            kl = sequence_kl(batch.old_logp, batch.ref_logp, batch.mask)  # [S]
+            rewards = rewards - algo.beta * kl
+            kl_stats = {"train/kl": float(kl.sum() / batch.mask.sum().clamp(min=1)),
+                        "reward/kl_penalty": float(algo.beta * kl.mean())}
         batch.advantages = group_advantages(rewards, group_size=algo.group_size, eps=algo.adv_eps,
                                             scale_by_std=algo.scale_by_std)
-        stats = self.dp.sum_stats(update_policy(self.policy, self.optimizer, self.scheduler, batch, algo,
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(self.step)
+        stats = self.dp.sum_stats(update_policy(self.policy, self.optimizer, batch, algo,
+                                                max_new_tokens=sampling.max_new_tokens,
                                                 temperature=cfg.rollout.temperature, device=self.device,
-                                                generator=self.shuffle))
+                                                generator=self.shuffle, steps=steps, on_step=self._count_nan_step))
         if on_policy:  # the loss pass filled in this rank's rows
             batch.old_logp = self.dp.sum(batch.old_logp)
         timings["time/train"] = time.perf_counter() - started
@@ -125,31 +151,31 @@ class GRPOTrainer:
         expert_stats = expert_load_stats(self.policy)  # the load the bias update acts on
         update_expert_bias(self.policy, algo.expert_bias_rate)
         started = time.perf_counter()
-        self.engine.update_weights(engine_weights(self.policy), version=step + 1)  # collective
+        before, self.step, self.rollout = self.step, self.step + steps, self.rollout + 1
+        self.engine.update_weights(engine_weights(self.policy), version=self.step)  # collective
         self.engine.resume_memory()
         timings["time/weight_sync"] = time.perf_counter() - started
         generated = float(batch.mask.sum())
         timings["throughput/rollout_tokens_per_s"] = generated / timings["time/rollout"]
         timings["throughput/train_tokens_per_s"] = (generated + sum(map(len, batch.prompt_ids))) / timings["time/train"]
-        if (step + 1) % algo.ref_reset_every == 0:
+        if _reached(algo.ref_reset_every, before, self.step):
             reset_reference(self.reference, self.policy)
-        self._count_nan_steps(stats["train/nan_steps"])
-        return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats,
-                **expert_stats, **timings, "lr": self.scheduler.get_last_lr()[0]}
+        return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats, **kl_stats,
+                **expert_stats, **timings, "lr": self.lr(self.step)}
 
     def _logprobs(self, model, batch) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""
         return self.dp.sum(sequence_logprobs(model, batch, temperature=self.cfg.rollout.temperature,
                                              token_budget=self.cfg.algo.token_budget, device=self.device))
 
-    def _count_nan_steps(self, skipped: float) -> None:
-        self.nan_streak = self.nan_streak + 1 if skipped else 0
+    def _count_nan_step(self, finite: bool) -> None:
+        self.nan_streak = 0 if finite else self.nan_streak + 1
         if self.nan_streak >= self.cfg.algo.max_nan_steps:
             raise FloatingPointError(f"{self.nan_streak} steps in a row had a NaN/inf loss or gradient; stopping")
 
     def evaluate(self) -> dict[str, float]:
         train = self.cfg.train
-        sampling = dataclasses.replace(self.sampling(self.step), n=train.eval_samples, temperature=train.eval_temperature,
+        sampling = dataclasses.replace(self.sampling(), n=train.eval_samples, temperature=train.eval_temperature,
                                        top_p=train.eval_top_p, top_k=0, seed=train.seed)
         rollouts = generate_and_score(self.engine, self.tokenizer, self.dp.local(self.test_rows), self.scorer, sampling)
         return eval_metrics(*self.dp.gather(*rollouts))
@@ -161,18 +187,21 @@ class GRPOTrainer:
         first = self.evaluate() if self.step == 0 else None
         if first is not None and self.dp.is_main:
             print(f"held-out accuracy before RL: {first['eval/accuracy']:.3f}")
-        progress = _progress(range(self.step, cfg.steps), enabled=cfg.progress and self.dp.is_main)
-        for self.step in progress:
+        progress = _progress(self.step, cfg.steps, enabled=cfg.progress and self.dp.is_main)
+        while self.step < cfg.steps:
+            before = self.step
             metrics = self.train_step()
-            if first is not None and self.step == 0:
+            if first is not None and before == 0:
                 metrics.update({f"{k}_initial": v for k, v in first.items()})
-            if (self.step + 1) % cfg.eval_every == 0 or self.step + 1 == cfg.steps:
+            if _reached(cfg.eval_every, before, self.step) or self.step == cfg.steps:
                 metrics.update(self.evaluate())
             if self.logger is not None:
                 self.logger.log(self.step, metrics)
-            _describe(progress, metrics)
-            if (self.step + 1) % cfg.save_every == 0 or self.step + 1 == cfg.steps:
-                self.save(self.step + 1)
+            _describe(progress, self.step - before, metrics)
+            if _reached(cfg.save_every, before, self.step) or self.step == cfg.steps:
+                self.save()
+        if progress is not None:
+            progress.close()
         if self.logger is None:  # a data-parallel rank other than 0: rank 0 keeps the record
             return {}
         self.logger.close()
@@ -180,19 +209,19 @@ class GRPOTrainer:
         initial = {k: v for row in self.logger.rows[:1] for k, v in row.items() if k.endswith("_initial")}
         return {**(self.logger.rows[-1] if self.logger.rows else {}), **initial}
 
-    def save(self, next_step: int) -> None:
+    def save(self) -> None:
         """One process: everything in state.pt. Under torchrun: the policy with its optimizer and the
         reference as distributed checkpoints (`policy/`, `reference/`: every rank writes its shards), the
         rest in state.pt; ranks draw from torch's generator in step, so rank 0's state stands for all."""
         state = {
-            "step": next_step, "scheduler": self.scheduler.state_dict(), "prompts": self.prompts.state_dict(),
+            "step": self.step, "rollout": self.rollout, "prompts": self.prompts.state_dict(),
             "shuffle": self.shuffle.getstate(), "nan_streak": self.nan_streak, "torch_rng": torch.get_rng_state(),
             "engine_version": self.engine.version,
         }
         if not self.dp.distributed:
             state.update(policy=self.policy.state_dict(), reference=self.reference.state_dict(),
                          optimizer=self.optimizer.state_dict())
-        checkpoint.save(self.cfg.train.out_dir + "/checkpoints", next_step, state, keep=self.cfg.train.keep_checkpoints,
+        checkpoint.save(self.cfg.train.out_dir + "/checkpoints", self.step, state, keep=self.cfg.train.keep_checkpoints,
                         shards=self._save_shards if self.dp.distributed else None)
 
     def _save_shards(self, directory) -> None:
@@ -206,6 +235,9 @@ class GRPOTrainer:
                 print(f"resume=true but {self.cfg.train.out_dir}/checkpoints holds no checkpoint: starting afresh")
             return
         state = checkpoint.load(path)
+        if "rollout" not in state:
+            raise ValueError(f"{path} counts its steps in rollouts (saved before a step was one optimizer step): "
+                             "it cannot be resumed; start afresh with train.resume=false")
         if (path / "policy").is_dir():  # distributed checkpoints: they load at any layout
             dist_checkpoint.load(path / "policy", self.policy, self.optimizer)
             dist_checkpoint.load(path / "reference", self.reference)
@@ -216,29 +248,34 @@ class GRPOTrainer:
             self.policy.load_state_dict(state["policy"])
             self.reference.load_state_dict(state["reference"])
             self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.prompts.load_state_dict(state["prompts"])
         self.shuffle.setstate(state["shuffle"])
         self.nan_streak = state["nan_streak"]
         torch.set_rng_state(state["torch_rng"])
         self.engine.update_weights(engine_weights(self.policy), version=state["engine_version"])
-        self.step = state["step"]
+        self.step, self.rollout = state["step"], state["rollout"]
         if self.dp.is_main:
             print(f"resumed from {path} at step {self.step}")
 
 
-def _progress(steps, *, enabled: bool):
+def _reached(every: int, before: int, after: int) -> bool:
+    """Whether the steps from `before` to `after` reached a multiple of `every`."""
+    return after // every > before // every
+
+
+def _progress(done: int, total: int, *, enabled: bool):
     if not enabled:
-        return steps
+        return None
     from tqdm import tqdm
 
-    return tqdm(steps, desc="GRPO", dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc="GRPO", unit="step", dynamic_ncols=True)
 
 
-def _describe(progress, metrics: dict[str, float]) -> None:
-    if hasattr(progress, "set_postfix"):
+def _describe(progress, steps: int, metrics: dict[str, float]) -> None:
+    if progress is not None:
         progress.set_postfix(reward=f"{metrics.get('reward/mean', 0):.3f}", acc=f"{metrics.get('accuracy', 0):.3f}",
                              len=f"{metrics.get('response_length/mean', 0):.1f}", refresh=False)
+        progress.update(steps)
 
 
 def train(cfg: Config) -> dict[str, float]:

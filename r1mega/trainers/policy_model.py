@@ -16,7 +16,8 @@ policy's weights into the native reference.
 
 Deliberately left out: megatron's tensor and expert parallelism under the trainer (parallel.tp and
 parallel.ep are refused with model.backend=megatron: the rollout engine's weight export and the
-expert-parallel weight loading do not gather or split megatron's shards yet), and megatron's DDP and
+expert-parallel weight loading do not gather or split megatron's shards yet), activation
+checkpointing of a megatron policy (refused: r1mega's wraps native blocks), and megatron's DDP and
 distributed optimizer (replicate.py says why).
 """
 
@@ -41,6 +42,10 @@ def trainable(model_cfg, policy: nn.Module, dp) -> nn.Module:
     if model_cfg.backend == "megatron":
         from r1mega.backends import megatron
 
+        checkpointing = dp.parallel_cfg.activation_checkpointing if dp.parallel_cfg is not None else "none"
+        if checkpointing != "none":
+            raise ValueError(f"parallel.activation_checkpointing={checkpointing!r} is not applied to a megatron "
+                             "policy: set it to 'none', or use model.backend=native")
         if not dp.distributed:
             _world_of_one()
             return megatron.MegatronPolicy.from_native(policy, dtype=next(policy.parameters()).dtype)

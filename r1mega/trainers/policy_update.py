@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,16 @@ def sequence_logprobs(model, batch: RolloutBatch, *, temperature: float, token_b
         micro = batch.select(index)
         _place(out, index, response_logprobs(model, micro, temperature=temperature, device=device))
     return out
+
+
+def sequence_kl(old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(pi_old || pi_ref) of each sample [S], as the k1 estimator summed over its response tokens:
+
+        kl_b = sum_t mask[b, t] * (old_logp[b, t] - ref_logp[b, t])
+
+    unbiased for the sequence's KL (the tokens were sampled from pi_old), though any one sample's may be
+    negative; what algo.kl_in_reward subtracts, times beta, from the sample's reward."""
+    return ((old_logp - ref_logp) * mask).sum(1)
 
 
 def _place(out: torch.Tensor, rows: list[int], logp: torch.Tensor) -> None:
@@ -100,16 +111,41 @@ def _local_gradients(model, keep: bool):
     return no_sync() if keep and no_sync is not None else contextlib.nullcontext()
 
 
+def steps_per_rollout(algo) -> int:
+    """Optimizer steps one rollout makes: `inner_epochs` passes over its mini-batches."""
+    if algo.train_batch_size % algo.ppo_mini_batch_size:
+        raise ValueError(f"algo.train_batch_size={algo.train_batch_size} must be a multiple of "
+                         f"algo.ppo_mini_batch_size={algo.ppo_mini_batch_size}: a rollout splits into whole "
+                         "mini-batches")
+    return algo.inner_epochs * (algo.train_batch_size // algo.ppo_mini_batch_size)
+
+
 def is_on_policy(algo) -> bool:
     """True when one optimizer step consumes the whole rollout batch, so old logprobs = current ones."""
-    return algo.mini_batches == 1 and algo.inner_epochs == 1 and not algo.kl_in_reward
+    return steps_per_rollout(algo) == 1 and not algo.kl_in_reward
 
 
-def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, temperature: float, device,
-                  generator: random.Random) -> dict[str, float]:
-    """Inner epochs over shuffled mini-batches: forward, fused logprob + GRPO loss, backward, step.
+def _mini_batches(samples: int, algo, generator: random.Random) -> list[list[int]]:
+    """The samples of each optimizer step: `inner_epochs` shuffled passes over the batch, each cut into
+    mini-batches of `ppo_mini_batch_size` questions' samples (samples, not whole groups: a random split)."""
+    size = algo.ppo_mini_batch_size * algo.group_size
+    steps = []
+    for _ in range(algo.inner_epochs):
+        order = list(range(samples))
+        generator.shuffle(order)
+        steps += [order[start:start + size] for start in range(0, samples, size)]
+    return steps
+
+
+def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens: int, temperature: float, device,
+                  generator: random.Random, steps: int | None = None,
+                  on_step: Callable[[bool], None] | None = None) -> dict[str, float]:
+    """Inner epochs over shuffled mini-batches: forward, fused logprob + GRPO loss, backward, step; the
+    first `steps` of them only when given (a run's last rollout). `on_step(finite)` is called after each.
 
     `batch.old_logp` None: on-policy (module docstring); filled from the loss pass on return.
+    `max_new_tokens`: the generation budget of the rollout, the constant divisor of Dr. GRPO's
+    "seq-mean-token-sum-norm" (Liu et al. 2025), the same for every micro-batch and every step.
     Returns the mean of each statistic over optimizer steps, but `ratio_min` and `ratio_max` over all
     their valid tokens (+inf and -inf without any, the identities a data-parallel min and max need),
     plus `nan_steps`: updates skipped because the loss or the gradient norm was not finite.
@@ -121,44 +157,40 @@ def update_policy(model, optimizer, scheduler, batch: RolloutBatch, algo, *, tem
     totals = _no_tokens()  # sums of per-step statistics, extremes over all steps
     updates = nan_steps = 0
     beta = 0.0 if algo.kl_in_reward or batch.ref_logp is None else algo.beta
-    for _ in range(algo.inner_epochs):
-        order = list(range(len(batch)))
-        generator.shuffle(order)
-        size = math.ceil(len(order) / algo.mini_batches)
-        for start in range(0, len(order), size):
-            members = order[start:start + size]
-            mini = batch.select(members)
-            optimizer.zero_grad(set_to_none=True)
-            step_stats = {"loss": 0.0, **_no_tokens()}
-            micro_batches = mini.micro_batches(algo.token_budget)
-            for n, index in enumerate(micro_batches):
-                micro = mini.select(index)
-                with _local_gradients(model, keep=n < len(micro_batches) - 1):
-                    hidden = response_hidden(model, micro, device)
-                    ref = None if beta == 0.0 else micro.ref_logp.to(device)
-                    old = None if on_policy else micro.old_logp.to(device)
-                    loss, stats, logp = linear_grpo_loss(
-                        hidden, model.output_weight, micro.response_ids.to(device), old, ref,
-                        micro.advantages.to(device), micro.mask.to(device), temperature=temperature,
-                        clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg,
-                        max_len=batch.response_ids.shape[1],  # one divisor for every micro-batch (token-sum-norm)
-                        return_logp=True)
-                    share = _share(micro, mini, algo.agg)
-                    (loss * share).backward()
-                if on_policy:
-                    _place(current_logp, [members[i] for i in index], logp * micro.mask.to(logp.device))
-                step_stats["loss"] += loss.item() * share
-                _add(step_stats, _micro_stats(stats, micro), _share(micro, mini, "token-mean"))  # token means
-            grad_norm = clip_grad_norm(model.parameters(), algo.grad_clip)
-            if not _finite_on_every_rank(step_stats["loss"], grad_norm, device):
-                optimizer.zero_grad(set_to_none=True)
-                nan_steps += 1
-                continue
+    for members in _mini_batches(len(batch), algo, generator)[:steps]:
+        mini = batch.select(members)
+        optimizer.zero_grad(set_to_none=True)
+        step_stats = {"loss": 0.0, **_no_tokens()}
+        micro_batches = mini.micro_batches(algo.token_budget)
+        for n, index in enumerate(micro_batches):
+            micro = mini.select(index)
+            with _local_gradients(model, keep=n < len(micro_batches) - 1):
+                hidden = response_hidden(model, micro, device)
+                ref = None if beta == 0.0 else micro.ref_logp.to(device)
+                old = None if on_policy else micro.old_logp.to(device)
+                loss, stats, logp = linear_grpo_loss(
+                    hidden, model.output_weight, micro.response_ids.to(device), old, ref,
+                    micro.advantages.to(device), micro.mask.to(device), temperature=temperature,
+                    clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg,
+                    max_len=max_new_tokens, return_logp=True)
+                share = _share(micro, mini, algo.agg)
+                (loss * share).backward()
+            if on_policy:
+                _place(current_logp, [members[i] for i in index], logp * micro.mask.to(logp.device))
+            step_stats["loss"] += loss.item() * share
+            _add(step_stats, _micro_stats(stats, micro), _share(micro, mini, "token-mean"))  # token means
+        grad_norm = clip_grad_norm(model.parameters(), algo.grad_clip)
+        finite = _finite_on_every_rank(step_stats["loss"], grad_norm, device)
+        if finite:
             optimizer.step()
             updates += 1
             step_stats["grad_norm"] = float(grad_norm)
             _add(totals, step_stats)
-    scheduler.step()
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            nan_steps += 1
+        if on_step is not None:
+            on_step(finite)
     if on_policy:
         batch.old_logp = current_logp
     means = {f"train/{k}": v if k in EXTREMES else v / max(1, updates) for k, v in totals.items()}

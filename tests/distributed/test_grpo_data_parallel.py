@@ -14,22 +14,22 @@ same questions sampled with per-sample seeds give the same tokens. The loss stat
 norm differ only by the order of fp32 additions (gradients summed over micro-batches on each rank, then
 over ranks: a relative error of a few times 6e-8 per sum, 5e-7 measured at step 0), carried into later
 steps through Adam, which passes a relative gradient error on to the update about unchanged (<= 7e-6
-measured after 3 steps): rel 5e-5. The loss nearly cancels (advantages have zero mean per group), so
+measured after 3 rollouts): rel 5e-5. The loss nearly cancels (advantages have zero mean per group), so
 its error is relative to its O(1) terms: abs 1e-6. The engine's logprobs depend on the generation batch
 (each rank generates fewer prompts), so the logprob mismatch is compared to a few fp32 ulps of a
 logprob (abs 1e-5). Tensor and expert parallelism only change the order of fp32 additions too (the
 row-parallel all-reduce, the experts' rows sent and gathered over the ep group), but Adam passes some of
-that on amplified (see CALM): they run at lr 3e-4, where over 4 steps the largest relative difference
+that on amplified (see CALM): they run at lr 3e-4, where over 4 rollouts the largest relative difference
 measured for tp=2 was 7e-5 (the KL) and the loss's absolute one 2e-7: rel 1e-4. The bugs this guards against are O(1):
 ranks drawing different prompts change the rewards; a loss normalised by local counts doubles the
 gradient at 2 ranks, averaging instead of summing the ranks' gradients halves it; a gradient norm that
 counts a replicated gradient once per rank grows by sqrt(2).
 
 The megatron runs (megatron_grpo_worker.py shims megatron-core onto the CPU) compare 2 processes with 1
-process of the same backend, to the same tolerances (4 steps measured: 4e-5 relative and 3e-8 absolute
+process of the same backend, to the same tolerances (4 rollouts measured: 4e-5 relative and 3e-8 absolute
 on the loss, 3e-6 on the KL, 1e-7 elsewhere). Their small token budget packs each mini-batch into
 several micro-batches per rank, so that gradients accumulate before DDP sums them; the reference is
-reset from the megatron policy every 2 steps. The bugs: DDP's default average halves the gradient (the
+reset from the megatron policy every 2 rollouts. The bugs: DDP's default average halves the gradient (the
 loss at the next step moves with it), summing the accumulated gradient of every micro-batch counts the
 earlier ones twice, and expert loads left unsummed give each rank other biases and the reported loads
 of half the batch.
@@ -53,10 +53,11 @@ WORKER = str(Path(__file__).with_name("grpo_worker.py"))
 MEGATRON_WORKER = str(Path(__file__).with_name("megatron_grpo_worker.py"))
 ROOT = str(Path(__file__).resolve().parents[2])
 # A constant learning rate: the resume test stops a run by its step count, which a cosine schedule depends on.
-ARGS = ["model.init=random", "data.train_size=64", "data.test_size=6", "algo.questions_per_step=4",
-        "algo.group_size=4", "algo.mini_batches=2", "algo.lr=3e-3", "algo.schedule=constant", "algo.beta=0.1",
+# Rollouts of 4 questions x 4 samples, 2 optimizer steps each; a checkpoint every 2 rollouts.
+ARGS = ["model.init=random", "data.train_size=64", "data.test_size=6", "algo.train_batch_size=4",
+        "algo.group_size=4", "algo.ppo_mini_batch_size=2", "algo.lr=3e-3", "algo.schedule=constant", "algo.beta=0.1",
         "rollout.max_new_tokens=[[0,8]]", "train.cpu_threads=1", "train.progress=false", "train.tensorboard=false",
-        "train.eval_every=4", "train.save_every=2"]
+        "train.eval_every=8", "train.save_every=4"]
 TIMING = ("time/", "throughput/", "reward/score_time_s")
 
 
@@ -99,16 +100,16 @@ def _assert_same(expected: list[dict], got: list[dict], exact: bool = False, rel
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """Uninterrupted 4-step runs: one process, and two under torchrun."""
+    """Uninterrupted 4-rollout (8-step) runs: one process, and two under torchrun."""
     root = tmp_path_factory.mktemp("grpo_dp")
-    _run(root / "one", 1, "train.steps=4")
-    _run(root / "two", 2, "train.steps=4")
+    _run(root / "one", 1, "train.steps=8")
+    _run(root / "two", 2, "train.steps=8")
     return root
 
 
 def _assert_distributed_checkpoint(out_dir: Path) -> None:
-    assert (out_dir / "checkpoints" / "latest").read_text().strip() == "step_4"
-    assert (out_dir / "checkpoints" / "step_4" / "policy" / ".metadata").is_file()
+    assert (out_dir / "checkpoints" / "latest").read_text().strip() == "step_8"
+    assert (out_dir / "checkpoints" / "step_8" / "policy" / ".metadata").is_file()
 
 
 def test_two_processes_match_one(straight):
@@ -122,7 +123,7 @@ def test_two_processes_match_one(straight):
 # steps of the full learning rate. At the lr of the other runs, 3e-3, tp=2 drifted from one process to
 # 8e-5 (relative) at step 0 and past a routing tie by step 2 (with Adam's eps raised from 1e-8 to 1e-5,
 # which damps those elements, step 0 differed by 5e-7); at 3e-4 it stays within 7e-5.
-CALM = ("train.steps=4", "algo.lr=3e-4")
+CALM = ("train.steps=8", "algo.lr=3e-4")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ def test_megatron_backend_two_processes_match_one(tmp_path):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install r1mega[megatron])")
     # 20 tokens: one sample (a 9-token prompt and 8 new tokens at most) per micro-batch, so 8 per
     # mini-batch in one process, 4 per rank under torchrun
-    megatron = ("train.steps=4", "model.backend=megatron", "algo.token_budget=20", "algo.ref_reset_every=2")
+    megatron = ("train.steps=8", "model.backend=megatron", "algo.token_budget=20", "algo.ref_reset_every=4")
     _run(tmp_path / "one", 1, *megatron, worker=MEGATRON_WORKER)
     _run(tmp_path / "two", 2, *megatron, worker=MEGATRON_WORKER)
     one = _rows(tmp_path / "one")
@@ -156,10 +157,10 @@ def test_megatron_backend_two_processes_match_one(tmp_path):
 
 
 def test_resume_under_torchrun_and_in_one_process(straight, tmp_path):
-    _run(tmp_path / "two", 2, "train.steps=2")  # stops at step 2, its last checkpoint
+    _run(tmp_path / "two", 2, "train.steps=4")  # stops after 2 rollouts, at step 4, its last checkpoint
     shutil.copytree(tmp_path / "two", tmp_path / "one")
-    _run(tmp_path / "two", 2, "train.steps=4", "train.resume=true")
-    _run(tmp_path / "one", 1, "train.steps=4", "train.resume=true")  # the same checkpoint, resharded
-    # Steps 0-1 of the short run evaluated at its end (step 1); from the checkpoint on, nothing differs.
+    _run(tmp_path / "two", 2, "train.steps=8", "train.resume=true")
+    _run(tmp_path / "one", 1, "train.steps=8", "train.resume=true")  # the same checkpoint, resharded
+    # The short run's 2 rollouts evaluated at its end (step 4); from the checkpoint on, nothing differs.
     _assert_same(_rows(straight / "two")[2:], _rows(tmp_path / "two")[2:], exact=True)
     _assert_same(_rows(straight / "one")[2:], _rows(tmp_path / "one")[2:])

@@ -24,7 +24,9 @@ from r1mega.trainers.grpo import GRPOTrainer
 from r1mega.trainers.policy_update import sequence_logprobs, update_policy
 from r1mega.trainers.rollout_batch import RolloutBatch
 
-FAST = ["model.init=random", "algo.questions_per_step=2", "algo.group_size=4", "rollout.max_new_tokens=[[0,6]]",
+# One rollout of 2 questions x 4 samples, one optimizer step on all of them (on-policy).
+FAST = ["model.init=random", "algo.train_batch_size=2", "algo.ppo_mini_batch_size=2", "algo.group_size=4",
+        "rollout.max_new_tokens=[[0,6]]",
         "data.train_size=64", "data.test_size=4", "train.progress=false", "train.tensorboard=false"]
 
 
@@ -37,7 +39,7 @@ def make_config(tmp_path, *overrides):
 
 def test_first_step_is_on_policy(tmp_path):
     # Reference = policy and one mini-batch: every ratio is 1, nothing is clipped, the KL is 0.
-    trainer = GRPOTrainer(make_config(tmp_path, "algo.mini_batches=1", "algo.beta=0.1"))
+    trainer = GRPOTrainer(make_config(tmp_path, "algo.beta=0.1"))
     metrics = trainer.train_step()
     assert metrics["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["train/ratio_min"] == pytest.approx(1.0, abs=1e-4)
@@ -52,7 +54,7 @@ def test_first_step_is_on_policy(tmp_path):
 def test_on_policy_update_equals_the_update_with_recomputed_old_logprobs(tmp_path):
     # One mini-batch and epoch: the loss pass's own logprobs stand in for the old ones (no extra
     # forward). The step must equal the one fed old logprobs from a separate no-grad forward.
-    cfg = make_config(tmp_path, "algo.mini_batches=1", "algo.beta=0.0", "algo.token_budget=40", "algo.lr=1e-2")
+    cfg = make_config(tmp_path, "algo.beta=0.0", "algo.token_budget=40", "algo.lr=1e-2")
     trainer = GRPOTrainer(cfg)
     trainer.scorer.close()
     gen = torch.Generator().manual_seed(0)
@@ -65,12 +67,11 @@ def test_on_policy_update_equals_the_update_with_recomputed_old_logprobs(tmp_pat
     for recompute in (False, True):
         policy = copy.deepcopy(trainer.policy)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.algo.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         batch = RolloutBatch(prompts, response_ids, mask, torch.zeros_like(mask, dtype=torch.float32), rewards,
                              advantages=group_advantages(rewards, group_size=4))
         if recompute:
             batch.old_logp = sequence_logprobs(policy, batch, temperature=1.0, token_budget=40, device="cpu")
-        stats = update_policy(policy, optimizer, scheduler, batch, cfg.algo, temperature=1.0, device="cpu",
+        stats = update_policy(policy, optimizer, batch, cfg.algo, max_new_tokens=9, temperature=1.0, device="cpu",
                               generator=random.Random(0))
         updated.append((policy.state_dict(), batch.old_logp, stats))
     (on_policy, on_logp, on_stats), (recomputed, re_logp, re_stats) = updated
@@ -82,19 +83,19 @@ def test_on_policy_update_equals_the_update_with_recomputed_old_logprobs(tmp_pat
 
 
 def test_reward_rises_on_easy_task(tmp_path):
-    cfg = make_config(tmp_path, "algo.lr=2e-2", "algo.beta=0.0", "algo.group_size=8", "algo.mini_batches=1",
-                      "rollout.max_new_tokens=[[0,8]]")
+    cfg = make_config(tmp_path, "algo.lr=2e-2", "algo.beta=0.0", "algo.group_size=8", "rollout.max_new_tokens=[[0,8]]")
     cfg.reward.components = {"test_digit_share": 1.0}
     trainer = GRPOTrainer(cfg)
-    rewards = [trainer.train_step()["reward/mean"] for trainer.step in range(14)]
+    rewards = [trainer.train_step()["reward/mean"] for _ in range(14)]
     early, late = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert late > early + 0.1, rewards
     trainer.scorer.close()
 
 
 def _run_cli(out_dir: Path, *extra: str, kill_after_rows: int | None = None) -> int:
-    cmd = [sys.executable, "-m", "r1mega.cli.train", *FAST, f"train.out_dir={out_dir}", "train.steps=6",
-           "train.save_every=2", "train.eval_every=3", "algo.mini_batches=2", *extra]
+    # 6 rollouts of 2 steps (one question's samples each); a checkpoint every 2 rollouts
+    cmd = [sys.executable, "-m", "r1mega.cli.train", *FAST, f"train.out_dir={out_dir}", "train.steps=12",
+           "train.save_every=4", "train.eval_every=6", "algo.ppo_mini_batch_size=1", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     if kill_after_rows is None:
@@ -126,7 +127,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert (tmp_path / "killed" / "checkpoints" / "latest").exists()
     _run_cli(tmp_path / "killed", "train.resume=true")
     straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "killed")
-    assert [r["step"] for r in resumed] == list(range(6))
+    assert [r["step"] for r in resumed] == list(range(2, 13, 2))  # one row a rollout, keyed by the steps done
     assert resumed == straight
 
 

@@ -1,6 +1,7 @@
 """update_policy's statistics do not depend on how the mini-batch is packed into micro-batches: the
 loss is weighted by the aggregation's share, the token means (clip fraction, KL, ratio mean, entropy)
-by the share of valid tokens, and the ratio's extremes are taken by min and max."""
+by the share of valid tokens, and the ratio's extremes are taken by min and max. Dr. GRPO's loss
+divides by the generation budget, as its paper's formula does."""
 
 import copy
 import random
@@ -14,8 +15,16 @@ from r1mega.models.transformer import Transformer
 from r1mega.ops.group_advantages import group_advantages
 from r1mega.trainers.policy_update import update_policy
 from r1mega.trainers.rollout_batch import RolloutBatch
+from grpo_runs import plain_logprobs
 
 VOCAB = 48
+
+
+def _model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(architecture="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=16,
+                                   intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2))
 
 
 def _batch() -> RolloutBatch:
@@ -33,18 +42,14 @@ def _batch() -> RolloutBatch:
 
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
 def test_statistics_do_not_depend_on_packing(agg):
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(architecture="LlamaForCausalLM", vocab_size=VOCAB, hidden_size=16,
-                                    intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                    num_key_value_heads=2))
+    model = _model()
     results = []
     for token_budget in (1, 4096):  # one sequence per micro-batch; the whole mini-batch in one
-        algo = AlgoConfig(mini_batches=2, token_budget=token_budget, agg=agg, clip_low=0.2, clip_high=0.2, beta=0.1,
-                          lr=1e-2)
+        algo = AlgoConfig(train_batch_size=2, ppo_mini_batch_size=1, group_size=4, token_budget=token_budget, agg=agg,
+                          clip_low=0.2, clip_high=0.2, beta=0.1, lr=1e-2)
         policy = copy.deepcopy(model)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=algo.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        stats = update_policy(policy, optimizer, scheduler, _batch(), algo, temperature=1.0, device="cpu",
+        stats = update_policy(policy, optimizer, _batch(), algo, max_new_tokens=12, temperature=1.0, device="cpu",
                               generator=random.Random(0))
         results.append((stats, policy.state_dict()))
     (packed, packed_state), (whole, whole_state) = results
@@ -55,3 +60,32 @@ def test_statistics_do_not_depend_on_packing(agg):
         assert packed[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     for name, tensor in whole_state.items():
         torch.testing.assert_close(packed_state[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_dr_grpo_divides_by_the_generation_budget():
+    # Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): per token the clipped surrogate
+    # minus beta * k3, summed over each response, divided by the generation budget (a constant, not the
+    # batch's longest response: 9 tokens here), averaged over responses. Evaluated in plain PyTorch.
+    budget, beta, eps = 16, 0.1, 0.2
+    model, batch = _model(), _batch()
+    algo = AlgoConfig(train_batch_size=2, ppo_mini_batch_size=2, group_size=4, token_budget=4096,
+                      agg="seq-mean-token-sum-norm", clip_low=eps, clip_high=eps, beta=beta, grad_clip=1e9)
+    policy = copy.deepcopy(model)
+    # lr 0: the parameters stay, their .grad holds the step's gradient (grad_clip too large to scale it)
+    stats = update_policy(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, algo, max_new_tokens=budget,
+                          temperature=1.0, device="cpu", generator=random.Random(0))
+    total = 0.0
+    for i, prompt in enumerate(batch.prompt_ids):
+        n = int(batch.mask[i].sum())
+        logp = plain_logprobs(model, prompt, batch.response_ids[i, :n].tolist())
+        old, ref, advantage = batch.old_logp[i, :n], batch.ref_logp[i, :n], batch.advantages[i]
+        ratio = torch.exp(logp - old)
+        surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - eps, 1 + eps) * advantage)
+        k3 = torch.exp(ref - logp) - (ref - logp) - 1
+        total = total + (-(surrogate - beta * k3)).sum() / budget
+    loss = total / len(batch)
+    loss.backward()
+    # fp32 sums of O(1) terms over a few dozen tokens and a 48-word vocabulary, in another order: ~1e-6
+    assert stats["train/loss"] == pytest.approx(loss.item(), rel=1e-5, abs=1e-7)
+    for (name, want), got in zip(model.named_parameters(), policy.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6, msg=name)

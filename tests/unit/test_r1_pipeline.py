@@ -18,7 +18,7 @@ from r1mega.pipeline.stages import all_scenario_prompts
 from r1mega.rewards import get_reward
 
 MINIMAL = [
-    "model.init=random", "algo.questions_per_step=2", "algo.group_size=2", "algo.mini_batches=1",
+    "model.init=random", "algo.train_batch_size=2", "algo.group_size=2", "algo.ppo_mini_batch_size=2",
     "rollout.max_new_tokens=[[0,6]]", "data.train_size=32", "data.test_size=2", "train.progress=false",
     "pipeline.r1_zero.steps=1", "pipeline.reasoning_rl.steps=1", "pipeline.all_scenario_rl.steps=1",
     "pipeline.cold_start.size=8", "pipeline.cold_start.batch_size=8",
