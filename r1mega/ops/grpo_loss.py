@@ -10,7 +10,7 @@ Per valid token t of sequence b (mask != 0), with A the advantage (per sequence 
     loss = "seq-mean-token-mean"     : mean_b ( sum_t l / n_b )           (the paper's formula)
            "token-mean"              : sum_bt l / sum_b n_b
            "seq-mean-token-sum"      : mean_b ( sum_t l )
-           "seq-mean-token-sum-norm" : mean_b ( sum_t l / max_len )        (Dr. GRPO: max_len the generation budget, a constant; default T)
+           "seq-mean-token-sum-norm" : mean_b ( sum_t l / max_len )  (Dr. GRPO: max_len the generation budget, or T)
 
 n_b is the number of valid tokens of row b, and mean_b runs over the rows with n_b > 0: a fully masked
 row contributes nothing and is not counted. The loss is 0 when no token is valid. Masked positions may
