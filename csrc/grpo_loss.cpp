@@ -5,7 +5,8 @@
 // sum/min/max), and dloss/dlogp per token is written *without* the aggregation's normalisation,
 // which needs counts over the whole batch; the normalisation is a per-row scale applied by the
 // backward, so the backward is one elementwise pass. Rows are reduced in a fixed order, so results do
-// not depend on the number of threads. Accumulation is in fp32 (fp64 for fp64 inputs).
+// not depend on the number of threads. Accumulation is in fp32 (fp64 for fp64 inputs). The fp32 row
+// loop runs on 16-lane vectors built for AVX-512, AVX2 or SSE2 and chosen at run time (grpo_loss_rows.h).
 // Left out: parallelism within a row (rows are the unit of work), anything but 2-D inputs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,9 +18,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <bit>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+// 64-byte vector arguments of inline helpers: never an ABI boundary (nothing is exported).
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace r1mega {
 namespace {
@@ -27,41 +32,13 @@ namespace {
 constexpr int kStats = 5;     // clip_fraction, kl, ratio_mean, ratio_min, ratio_max
 constexpr int kPartials = 7;  // per row: loss sum, valid, clipped, kl sum, ratio sum, ratio min, ratio max
 
-// exp for fp32 that the compiler can vectorise inside `omp simd` (std::exp is an opaque call):
-// Cody-Waite reduction x = n ln2 + r, a degree-6 polynomial for exp(r) (Cephes' expf, ~1 ulp) and
-// 2^n built from exponent bits in two halves so n = 128 does not overflow. Returns inf above fp32's
-// range, 0 below the smallest normal (denormals flushed), NaN for NaN.
-inline float exp_fast(float x) {
-  constexpr float kHi = 88.72283935546875f, kLo = -87.3f;
-  const float xc = std::min(std::max(x, kLo), kHi);
-  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t e = static_cast<int32_t>(n), e1 = e >> 1;
-  const int32_t b1 = (e1 + 127) << 23, b2 = (e - e1 + 127) << 23;
-  float s1, s2;
-  std::memcpy(&s1, &b1, sizeof s1);
-  std::memcpy(&s2, &b2, sizeof s2);
-  const float out = y * s1 * s2;
-  return x > kHi ? std::numeric_limits<float>::infinity() : (x < kLo ? 0.0f : (x != x ? x : out));
-}
-inline double exp_fast(double x) { return std::exp(x); }  // fp64 is for gradcheck, not speed
-
-// c * e where e = exp(x) (a ratio, or exp of the KL's log-ratio): the plain product where it is finite,
-// else sign(c) exp(x + ln|c|), which overflows only where the product itself does, and exactly 0 for
-// c = 0 whatever e (not 0 * inf = NaN). Scalar std::exp/log: only for the rare rows that need it.
-template <typename acc_t>
-inline acc_t times_exp(acc_t c, acc_t e, acc_t x) {
-  const acc_t product = c * e;
-  if (std::isfinite(product)) return product;
-  return c == 0 ? acc_t(0) : std::copysign(std::exp(x + std::log(std::abs(c))), c);
-}
+// The fp32 fast path works on blocks of kLanes tokens held in GCC vector types: 16 fp32 = one
+// AVX-512 register, two AVX2 or four SSE2 ones. The lane count is fixed, so the summation order, and
+// the results, are the same whichever ISA runs. (Explicit vectors: GCC 12 did not vectorise the
+// former `omp simd` loop at all once built for a chosen target.)
+constexpr int kLanes = 16;
+using VecF = float __attribute__((vector_size(4 * kLanes)));
+using VecI = int32_t __attribute__((vector_size(4 * kLanes)));  // lane masks: -1 true, 0 false
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -104,82 +81,86 @@ Inputs prepare(const at::Tensor& logp, const at::Tensor& old_logp, const std::op
   return in;
 }
 
-// One row: writes the unnormalised dloss/dlogp to `grad` and the row's partials to `part`. kExact:
-// the products ratio * A and beta * exp(x) through `times_exp` (scalar); otherwise plain (vectorised),
-// which a non-finite row loss sends back here with kExact (see grpo_forward_cpu).
-template <bool kExact, typename scalar_t, typename mask_t, typename acc_t>
-void grpo_row(const scalar_t* logp, const scalar_t* old_logp, const scalar_t* ref_logp, const acc_t* adv,
-              int64_t adv_stride, const mask_t* mask, int64_t T, acc_t lo, acc_t hi, acc_t beta, acc_t* grad,
-              double* part) {
-  acc_t loss = 0, count = 0, clips = 0, kl_sum = 0, ratio_sum = 0;
-  acc_t rmin = std::numeric_limits<acc_t>::infinity(), rmax = -std::numeric_limits<acc_t>::infinity();
-  const bool has_ref = ref_logp != nullptr;
-#pragma omp simd reduction(+ : loss, count, clips, kl_sum, ratio_sum) reduction(min : rmin) reduction(max : rmax)
-  for (int64_t t = 0; t < T; ++t) {
-    const bool valid = static_cast<float>(mask[t]) != 0.0f;
-    const acc_t a = adv[t * adv_stride];
-    const acc_t lp = static_cast<acc_t>(logp[t]);
-    const acc_t log_ratio = valid ? lp - static_cast<acc_t>(old_logp[t]) : acc_t(0);
-    const acc_t ratio = exp_fast(log_ratio);
-    const bool pos = a >= 0;
-    const bool clipped = valid && a != 0 && (pos ? ratio > hi : ratio < lo);
-    const acc_t ratio_a = kExact ? times_exp(a, ratio, log_ratio) : ratio * a;
-    const acc_t surrogate = clipped ? (pos ? hi : lo) * a : ratio_a;
-    acc_t kl = 0, beta_kl = 0, beta_dkl = 0;
-    if (has_ref) {
-      const acc_t x = valid ? static_cast<acc_t>(ref_logp[t]) - lp : acc_t(0);  // log(pi_ref / pi)
-      const acc_t ex = exp_fast(x);
-      const acc_t beta_ex = kExact ? times_exp(beta, ex, x) : beta * ex;
-      kl = ex - x - 1;
-      beta_kl = beta_ex - beta * (x + 1);
-      beta_dkl = beta - beta_ex;  // beta * d kl / d logp
-    }
-    // d(-(surrogate - beta kl))/dlogp; the clipped branch is constant in logp.
-    const acc_t g = (clipped ? acc_t(0) : -ratio_a) + beta_dkl;
-    grad[t] = valid ? g : acc_t(0);
-    loss += valid ? beta_kl - surrogate : acc_t(0);
-    count += valid ? acc_t(1) : acc_t(0);
-    clips += clipped ? acc_t(1) : acc_t(0);
-    kl_sum += valid ? kl : acc_t(0);
-    ratio_sum += valid ? ratio : acc_t(0);
-    rmin = std::min(rmin, valid ? ratio : std::numeric_limits<acc_t>::infinity());
-    rmax = std::max(rmax, valid ? ratio : -std::numeric_limits<acc_t>::infinity());
-  }
-  part[0] = loss;
-  part[1] = count;
-  part[2] = clips;
-  part[3] = kl_sum;
-  part[4] = ratio_sum;
-  part[5] = rmin;
-  part[6] = rmax;
+// Row-major pointers and parameters of one forward call.
+template <typename scalar_t, typename mask_t, typename acc_t>
+struct Rows {
+  const scalar_t *logp, *old_logp, *ref_logp;  // [B, T]; ref_logp null without KL
+  const acc_t* adv;                            // [B] or [B, T]
+  const mask_t* mask;                          // [B, T]
+  acc_t* grad;                                 // [B, T] out: unnormalised dloss/dlogp
+  double* part;                                // [B, kPartials] out
+  int64_t T;
+  acc_t lo, hi, beta;                          // 1 - clip_low, 1 + clip_high, beta
+};
+
+// The row kernel once per vector ISA (see grpo_loss_rows.h); the extension is built without -march,
+// for any x86-64, and picks AVX-512, AVX2 or baseline x86-64 (SSE2) from the CPU it runs on.
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
+namespace avx512 {
+#include "grpo_loss_rows.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "grpo_loss_rows.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+namespace baseline {
+#include "grpo_loss_rows.h"
+}  // namespace baseline
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa best_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+                             ? Isa::kAvx512
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
+                                                                                             : Isa::kBaseline;
+  return isa;
+#else
+  return Isa::kBaseline;
+#endif
 }
+
+template <bool kRef, bool kPerToken, typename scalar_t, typename mask_t, typename acc_t>
+void forward_rows(const Rows<scalar_t, mask_t, acc_t>& in, int64_t begin, int64_t end) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (best_isa()) {
+    case Isa::kAvx512: return avx512::forward_rows<kRef, kPerToken>(in, begin, end);
+    case Isa::kAvx2: return avx2::forward_rows<kRef, kPerToken>(in, begin, end);
+    case Isa::kBaseline: break;
+  }
+#endif
+  baseline::forward_rows<kRef, kPerToken>(in, begin, end);
+}
+
+int64_t row_grain(int64_t T) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)); }
 
 template <typename scalar_t, typename mask_t>
 void grpo_forward_cpu(const Inputs& in, double lo, double hi, double beta, at::Tensor& grad, at::Tensor& partials) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t B = in.logp.size(0), T = in.logp.size(1);
-  const scalar_t* logp = in.logp.data_ptr<scalar_t>();
-  const scalar_t* old_logp = in.old_logp.data_ptr<scalar_t>();
-  const scalar_t* ref_logp = in.has_ref ? in.ref_logp.data_ptr<scalar_t>() : nullptr;
-  const acc_t* adv = in.advantages.data_ptr<acc_t>();
-  const mask_t* mask = in.mask.data_ptr<mask_t>();
-  acc_t* g = grad.data_ptr<acc_t>();
-  double* part = partials.data_ptr<double>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1));
-  at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t off = b * T;
-      auto row = [&](auto exact) {
-        grpo_row<decltype(exact)::value, scalar_t, mask_t, acc_t>(
-            logp + off, old_logp + off, ref_logp ? ref_logp + off : nullptr, adv + (in.adv_per_token ? off : b),
-            in.adv_per_token ? 1 : 0, mask + off, T, acc_t(1 - lo), acc_t(1 + hi), acc_t(beta), g + off,
-            part + b * kPartials);
-      };
-      row(std::false_type{});
-      // A product that overflowed (or 0 * inf) made the row's loss non-finite: redo the row exactly.
-      if (!std::isfinite(part[b * kPartials])) row(std::true_type{});
-    }
-  });
+  const Rows<scalar_t, mask_t, acc_t> rows{in.logp.data_ptr<scalar_t>(), in.old_logp.data_ptr<scalar_t>(),
+                                           in.has_ref ? in.ref_logp.data_ptr<scalar_t>() : nullptr,
+                                           in.advantages.data_ptr<acc_t>(), in.mask.data_ptr<mask_t>(),
+                                           grad.data_ptr<acc_t>(), partials.data_ptr<double>(), T,
+                                           acc_t(1 - lo), acc_t(1 + hi), acc_t(beta)};
+  auto run = [&](auto ref, auto per_token) {
+    at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
+      forward_rows<decltype(ref)::value, decltype(per_token)::value>(rows, begin, end);
+    });
+  };
+  if (in.has_ref) {
+    in.adv_per_token ? run(std::true_type{}, std::true_type{}) : run(std::true_type{}, std::false_type{});
+  } else {
+    in.adv_per_token ? run(std::false_type{}, std::true_type{}) : run(std::false_type{}, std::false_type{});
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grpo_loss_cpu(
@@ -250,10 +231,10 @@ at::Tensor grpo_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor&
     const acc_t* s = scale.data_ptr<acc_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "grpo_loss_backward_cpu_out", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(T, 1)), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const acc_t k = upstream * s[b];
-_Pragma("omp simd") for (int64_t t = 0; t < T; ++t) o[b * T + t] = static_cast<scalar_t>(k * f[b * T + t]);
+          for (int64_t t = 0; t < T; ++t) o[b * T + t] = static_cast<scalar_t>(k * f[b * T + t]);
         }
       });
     });
