@@ -1,9 +1,14 @@
 """Shared benchmark harness for the custom ops: timing, peak memory, and the results table.
 
 Each `benchmarks/ops_<family>.py` module exposes `cases(device) -> list[Case]`; `benchmarks/ops.py`
-collects them and calls `run_cases`. A `Case.setup()` builds the inputs and returns two callables,
-`(reference_fn, kernel_fn)`, each doing the whole measured work (e.g. forward + backward); setup is
-only called when the case runs, so filtered-out cases never allocate.
+collects them and calls `run_cases`. A `Case.setup()` builds the inputs and returns
+`(baselines, kernel_fn)`: `baselines` is one callable (named "reference") or a dict of named ones, each
+doing the whole measured work (e.g. forward + backward); setup is only called when the case runs, so
+filtered-out cases never allocate. Every baseline's time and the kernel's ratio to it come from the
+same process, timed in interleaved rounds (one call of each per round), so a change in the machine's
+load reaches all of them alike. With `bytes_moved`, a plain copy moving the same bytes (half read,
+half written, between buffers allocated beforehand) is timed too: the kernel's GB/s next to what a
+copy achieves in the same run.
 
 Peak memory is "bytes allocated above what was live before the call":
 - CUDA: `torch.cuda.reset_peak_memory_stats` then `max_memory_allocated - memory_allocated` (the
@@ -14,8 +19,9 @@ Peak memory is "bytes allocated above what was live before the call":
   ops' memory claims are about, and unlike process RSS it is not hidden by the allocator's reuse of
   memory freed earlier.
 
-Timings are medians over `repeat` calls after `warmup` calls, synchronising CUDA around each call.
-Deliberately left out: statistics beyond the median, CUDA graphs, and any asserting on timings.
+Timings are medians over `repeat` rounds after `warmup` rounds, synchronising CUDA around each call.
+Peak memory is measured for the kernel and the first baseline. Deliberately left out: statistics
+beyond the median, CUDA graphs, and any asserting on timings.
 """
 
 from __future__ import annotations
@@ -48,18 +54,28 @@ def _sync(device: str | torch.device | None = None) -> None:
         torch.cuda.synchronize(device if device is not None and torch.device(device).type == "cuda" else None)
 
 
-def time_fn(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of `fn()` over `repeat` calls, after `warmup` untimed calls."""
+def time_fns(fns: dict[str, Callable[[], object]], *, repeat: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median wall-clock seconds of each `fn()` over `repeat` rounds (each round calls every fn once),
+    after `warmup` untimed rounds."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _copy_of(bytes_moved: int, device: str) -> Callable[[], object]:
+    """A copy that reads bytes_moved / 2 and writes as many, between buffers allocated now."""
+    src = torch.empty(bytes_moved // 2, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src).fill_(0)
+    return lambda: dst.copy_(src)
 
 
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
@@ -88,28 +104,45 @@ def peak_memory_bytes(fn: Callable[[], object], device: str | torch.device) -> i
     return _cpu_peak_bytes(fn)
 
 
+COPY = "plain copy"
+
+
 def _run_one(case: Case, repeat: int, warmup: int) -> dict:
     row = {"op": case.op, "shape": case.shape, "device": case.device, "target": case.target}
-    reference_fn, kernel_fn = case.setup()
-    row["reference_s"] = time_fn(reference_fn, repeat=repeat, warmup=warmup)
-    row["kernel_s"] = time_fn(kernel_fn, repeat=repeat, warmup=warmup)
-    row["speedup"] = row["reference_s"] / row["kernel_s"]
-    row["reference_peak_bytes"] = peak_memory_bytes(reference_fn, case.device)
+    baselines, kernel_fn = case.setup()
+    if callable(baselines):
+        baselines = {"reference": baselines}
+    fns = {"kernel": kernel_fn, **baselines}
+    if case.bytes_moved is not None:
+        fns[COPY] = _copy_of(case.bytes_moved, case.device)
+    times = time_fns(fns, repeat=repeat, warmup=warmup)
+    row["kernel_s"] = times["kernel"]
+    row["baselines"] = {name: {"s": times[name], "speedup": times[name] / times["kernel"]} for name in baselines}
+    first = next(iter(baselines))
     row["kernel_peak_bytes"] = peak_memory_bytes(kernel_fn, case.device)
+    row["baseline_peak_bytes"] = {first: peak_memory_bytes(baselines[first], case.device)}
     if case.bytes_moved is not None:
         row["bytes_moved"] = case.bytes_moved
-        row["kernel_gb_per_s"] = case.bytes_moved / row["kernel_s"] / 1e9
+        row["kernel_gb_per_s"] = case.bytes_moved / times["kernel"] / 1e9
+        row["copy_s"] = times[COPY]
+        row["copy_gb_per_s"] = case.bytes_moved / times[COPY] / 1e9
     return row
 
 
 def _format(row: dict) -> str:
+    head = f"{row['op']:<22} {row['shape']:<32}"
     if "error" in row:
-        return f"{row['op']:<22} {row['shape']:<28} ERROR: {row['error']}"
-    gbs = f"{row['kernel_gb_per_s']:9.1f}" if "kernel_gb_per_s" in row else f"{'':9}"
-    target = f"  ({row['target']})" if row.get("target") else ""
-    return (f"{row['op']:<22} {row['shape']:<28} {row['reference_s'] * 1e3:10.2f} {row['kernel_s'] * 1e3:10.2f} "
-            f"{row['speedup']:8.2f}x {row['reference_peak_bytes'] / MIB:10.1f} {row['kernel_peak_bytes'] / MIB:10.1f}"
-            f" {gbs}{target}")
+        return f"{head} ERROR: {row['error']}"
+    (first, first_peak), = row["baseline_peak_bytes"].items()
+    lines = [f"{head} kernel {row['kernel_s'] * 1e3:9.2f} ms  peak {row['kernel_peak_bytes'] / MIB:7.1f} MiB"
+             f" ({first}: {first_peak / MIB:.1f} MiB)" + (f"  target {row['target']}" if row.get("target") else "")]
+    if "bytes_moved" in row:
+        lines.append(f"{'':55}{row['bytes_moved'] / 1e6:.1f} MB moved: kernel {row['kernel_gb_per_s']:.1f} GB/s, "
+                     f"a plain copy of as many bytes {row['copy_s'] * 1e3:.2f} ms = {row['copy_gb_per_s']:.1f} GB/s "
+                     f"(kernel = {row['copy_s'] / row['kernel_s']:.0%} of copy speed)")
+    for name, b in row["baselines"].items():
+        lines.append(f"{'':55}vs {name:<18} {b['s'] * 1e3:9.2f} ms  {b['speedup']:7.2f}x")
+    return "\n".join(lines)
 
 
 def run_cases(cases: list[Case], json_path: str | None = None, *, repeat: int = 5, warmup: int = 1) -> list[dict]:
@@ -117,8 +150,8 @@ def run_cases(cases: list[Case], json_path: str | None = None, *, repeat: int = 
 
     A case that raises is reported as an error row; the others still run.
     """
-    print(f"{'op':<22} {'shape':<28} {'ref ms':>10} {'kernel ms':>10} {'speed-up':>9} "
-          f"{'ref MiB':>10} {'kern MiB':>10} {'kern GB/s':>9}", flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; speed-up = baseline time / kernel time",
+          flush=True)
     rows = []
     for case in cases:
         try:
@@ -129,5 +162,6 @@ def run_cases(cases: list[Case], json_path: str | None = None, *, repeat: int = 
         print(_format(row), flush=True)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "repeat": repeat,
+                       "rows": rows}, f, indent=2)
     return rows

@@ -1,6 +1,7 @@
-"""Benchmark driver for the custom ops: kernel vs plain-PyTorch reference, time and peak memory.
+"""Benchmark driver for the custom ops: kernel vs its baselines (the peers' code where a family has
+them, else the plain-PyTorch reference), time and peak memory.
 
-    python benchmarks/ops.py [--device cpu|cuda] [--only NAME] [--json PATH] [--repeat N]
+    python benchmarks/ops.py [--device cpu|cuda] [--only NAME] [--json PATH] [--repeat N] [--threads N]
 
 Collects `cases(device)` from each `benchmarks/ops_<family>.py` (a module that is missing or fails to
 import is skipped with a note) and runs them with `harness.run_cases`. `--only` keeps the cases whose
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="where to save the rows as JSON")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        __import__("torch").set_num_threads(args.threads)
     if args.device == "cuda" and not __import__("torch").cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     cases = select(collect(args.device), args.only)
