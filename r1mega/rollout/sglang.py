@@ -17,9 +17,18 @@ this file holds what does not depend on which (request and response handling: sg
   (`update_weights_from_tensor`, load_format "flattened_bucket", one serialisation per TP rank), or,
   after `init_weights_update_group`, names/dtypes/shapes through `update_weights_from_distributed`
   while this process broadcasts the tensors from rank 0 of the group (engines on other devices).
-  The prefix cache is flushed once after the last bucket, then `version` is set.
+  Buckets never split DeepSeek-V3's q_a_proj / kv_a_proj_with_mqa pair (SGLang fuses the two only
+  within one load call: sglang_protocol.loading_units). The prefix cache is flushed once after the
+  last bucket (waiting, up to `timeout_s`, for requests still draining after an abort: SGLang
+  flushes only an idle engine), then `version` is set.
+- Context: `from_policy` gives SGLang the policy's max_position_embeddings as its context length (it
+  would otherwise derive its own, e.g. scaled by a rope factor); prompt + max_new_tokens up to it is
+  accepted by both engines, longer is refused here before sending.
+- Abort: `abort` may be called from any thread; the backend hands it to the thread that owns SGLang's
+  connection (backends' `abort_all`).
 - Memory: `release_memory` frees weights, KV cache and CUDA graphs (the engine must run with
-  `enable_memory_saver`); `update_weights` resumes the weights alone before writing them, and
+  `enable_memory_saver`; SGLang releases only an idle engine, so requests still draining after an
+  abort are waited for first); `update_weights` resumes the weights alone before writing them, and
   `resume_memory` then brings back the KV cache and CUDA graphs, so the cache is never allocated
   while the trainer still holds its memory. After the weights were released, their contents are gone:
   `generate` refuses to run until `update_weights` has written them (it must carry every tensor).
@@ -40,8 +49,8 @@ import torch
 from r1mega.config import SGLangConfig
 from r1mega.rollout.engine import Prompts, Sample, SamplingParams, validate
 from r1mega.rollout.sglang_protocol import (RequestRejected, SGLangError, broadcast_meta, bucket_payloads, expand,
-                                            flat_buckets, flatten, parse_output, to_hf)
-from r1mega.rollout.weight_sync import DEFAULT_BUCKET_BYTES, buckets
+                                            flat_buckets, flatten, parse_output, to_hf, unit_buckets)
+from r1mega.rollout.weight_sync import DEFAULT_BUCKET_BYTES
 
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"  # SGLang's memory tags
 ALL_TAGS = (WEIGHTS, KV_CACHE, CUDA_GRAPH)
@@ -121,6 +130,7 @@ class SGLangEngine:
             model_path = save(policy, workdir / "model")
             tokenizer.save(model_path)
             server_args = dict(model_path=str(model_path), tp_size=options.tp_size, dtype=options.dtype,
+                               context_length=policy.config.max_position_embeddings,
                                mem_fraction_static=options.mem_fraction_static, enable_memory_saver=True)
             if options.deterministic:
                 server_args["enable_deterministic_inference"] = True
@@ -226,12 +236,12 @@ class SGLangEngine:
                     bucket_payloads(flat, metas, self.tp_size, serialize, metadata_cls), "flattened_bucket")
         else:
             group, name = self._group
-            for bucket in buckets(stream, self.bucket_bytes):
+            for bucket in unit_buckets(stream, self.bucket_bytes):
                 names, dtypes, shapes = broadcast_meta(bucket)
                 _concurrently(lambda: [group.broadcast(t.contiguous(), 0).wait() for _, t in bucket],
                               lambda: self.backend.update_weights_from_distributed(names, dtypes, shapes, name),
                               self.timeout_s)
-        self.backend.flush_cache()  # cached prefixes hold keys/values of the old weights
+        self.backend.flush_cache(self.timeout_s)  # cached prefixes hold keys/values of the old weights
         if self.device is not None and self.device.type == "cuda":
             torch.cuda.ipc_collect()  # frees the buckets SGLang has finished reading
         self._weights_stale = False
@@ -247,6 +257,7 @@ class SGLangEngine:
     def release_memory(self) -> None:
         tags = [t for t in ALL_TAGS if t not in self._released]
         if tags:
+            self.backend.flush_cache(self.timeout_s)  # returns once no request is left (SGLang asserts idle)
             self.backend.release_memory_occupation(tags)
             self._released.update(tags)
             self._weights_stale |= WEIGHTS in tags

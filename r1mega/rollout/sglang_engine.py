@@ -2,9 +2,15 @@
 detokenizer in subprocesses on the same GPUs), behind the same calls as sglang_http.py.
 
 `require_sglang()` is the only import of SGLang in r1mega: it fails with the extra to install.
-`ipc_serializer()` returns SGLang's own `MultiprocessingSerializer` (base64 text, with SGLang's patch of
-torch's CUDA tensor reduction that names devices by UUID) and its `FlattenedTensorMetadata`, so that
-the scheduler's (allow-listed) unpickler accepts the buckets.
+`ipc_serializer()` returns SGLang's own `MultiprocessingSerializer` (base64 text) after applying SGLang's
+patch of torch's CUDA tensor reduction (`monkey_patch_torch_reductions`: handles name the device by
+UUID, which the scheduler's rebuild expects; SGLang's serialiser does not apply it itself), and its
+`FlattenedTensorMetadata`, one of the few classes the scheduler's `SafeUnpickler` accepts.
+
+Threads: `sglang.Engine` runs its tokenizer manager on an asyncio loop driven by the caller's thread
+(each call is `loop.run_until_complete`), and its zmq sockets are not thread-safe, so `abort_all`
+from another thread is queued onto that loop (`call_soon_threadsafe`) while a generate call runs,
+and is a no-op otherwise (nothing runs then; a queued abort must not hit the next call).
 
 Deliberately left out: launching a server (sglang_http.py talks to one), Ray, multi-node engines.
 """
@@ -30,6 +36,7 @@ def require_sglang(module: str = "sglang"):
 def ipc_serializer() -> tuple[Callable[[Any], str], type]:
     """(serialize(obj) -> str, FlattenedTensorMetadata class), both SGLang's."""
     utils = require_sglang("sglang.srt.utils")
+    require_sglang("sglang.srt.utils.patch_torch").monkey_patch_torch_reductions()  # idempotent
     try:  # the class moved between SGLang releases
         metadata_cls = require_sglang("sglang.srt.weight_sync.tensor_bucket").FlattenedTensorMetadata
     except ImportError:
@@ -58,6 +65,8 @@ def _check(result: Any, call: str) -> None:
 class InProcessBackend:
     def __init__(self, engine):
         self.engine = engine
+        self._generating = 0  # the running generate call's number, 0 when none runs
+        self._calls = 0
 
     @classmethod
     def launch(cls, **server_args) -> "InProcessBackend":
@@ -67,15 +76,27 @@ class InProcessBackend:
 
     # ---- generation
     def generate(self, requests: list[dict]) -> list[dict]:
+        self._calls += 1
+        self._generating = self._calls
         try:
-            out = self.engine.generate(input_ids=[r["input_ids"] for r in requests],
-                                       sampling_params=[r["sampling_params"] for r in requests], return_logprob=True)
+            return self.engine.generate(input_ids=[r["input_ids"] for r in requests],
+                                        sampling_params=[r["sampling_params"] for r in requests], return_logprob=True)
         except ValueError as e:  # SGLang's validation of a request (too long, bad parameter)
             raise RequestRejected(str(e)) from None
-        return out
+        finally:
+            self._generating = 0
 
     def abort_all(self) -> None:
-        self.engine.tokenizer_manager.abort_request(abort_all=True)
+        """Safe from any thread (module docstring)."""
+        call = self._generating
+        if not call:
+            return
+
+        def abort_on_loop():
+            if self._generating == call:  # still the call the abort was meant for
+                self.engine.tokenizer_manager.abort_request(abort_all=True)
+
+        self.engine.loop.call_soon_threadsafe(abort_on_loop)
 
     # ---- weights
     def update_weights_from_tensor(self, payloads: list[str], load_format: Optional[str]) -> None:
@@ -95,8 +116,10 @@ class InProcessBackend:
                                                            group_name=group_name, flush_cache=False),
                "update_weights_from_distributed")
 
-    def flush_cache(self) -> None:
-        _check(self.engine.flush_cache(), "flush_cache")
+    def flush_cache(self, wait_idle_s: float = 0.0) -> None:
+        """Flushes the prefix cache once the scheduler is idle, waiting up to `wait_idle_s` for running requests."""
+        _check(self.engine.loop.run_until_complete(self.engine.tokenizer_manager.flush_cache(timeout_s=wait_idle_s)),
+               "flush_cache")
 
     # ---- memory
     def release_memory_occupation(self, tags: Optional[list[str]]) -> None:

@@ -45,8 +45,8 @@ class HTTPBackend:
             body = raw.decode(errors="replace")  # /flush_cache answers in plain text
         return status, body
 
-    def _call(self, path: str, payload: Optional[dict] = None) -> Any:
-        status, body = self._post(path, payload)
+    def _call(self, path: str, payload: Optional[dict] = None, wait_s: float = 0.0) -> Any:
+        status, body = self._post(path, payload, timeout=self.control_timeout_s + wait_s)
         failed = isinstance(body, dict) and body.get("success") is False
         if status != 200 or failed:
             raise SGLangError(f"SGLang {path} failed (HTTP {status}): {error_message(body)}")
@@ -82,8 +82,9 @@ class HTTPBackend:
         self._call("/update_weights_from_distributed", {"names": names, "dtypes": dtypes, "shapes": shapes,
                                                         "group_name": group_name, "flush_cache": False})
 
-    def flush_cache(self) -> None:
-        self._call("/flush_cache")
+    def flush_cache(self, wait_idle_s: float = 0.0) -> None:
+        """Flushes the prefix cache once the server is idle, waiting up to `wait_idle_s` for running requests."""
+        self._call(f"/flush_cache?timeout={wait_idle_s:g}", wait_s=wait_idle_s)
 
     # ---- memory
     def release_memory_occupation(self, tags: Optional[list[str]]) -> None:

@@ -18,7 +18,10 @@
   here (as in the native engine). Text follows the native engine exactly (stop.py's `finalize`)
   when a tokenizer is given; without one, SGLang's text cut after the first stop string.
 - Weights: `to_hf` renames a native or HF stream to HF names (SGLang loads HF checkpoints);
-  `flat_buckets` groups it into buckets of about `bucket_bytes` and one dtype each;
+  `flat_buckets` groups it into buckets of about `bucket_bytes` and one dtype each, never
+  splitting a fused pair (`loading_units`: DeepSeek-V3's q_a_proj and kv_a_proj_with_mqa, which
+  SGLang's loader concatenates only when both arrive in the same `load_weights` call; one alone is
+  held in that call's cache and dropped, leaving the old fused weight in place);
   `flatten` / `unflatten` are the `load_format="flattened_bucket"` layout (one 1-D tensor plus,
   per tensor, name, shape, dtype, start_idx, end_idx, numel: the fields of SGLang's
   `FlattenedTensorMetadata`); `bucket_payloads` serialises a bucket once per tensor-parallel rank
@@ -32,6 +35,7 @@ in), streaming responses, top logprobs, multimodal inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -40,7 +44,7 @@ from r1mega.models.hf import native_to_hf
 from r1mega.rollout.engine import Sample, SamplingParams
 from r1mega.rollout.sampling import sample_seed
 from r1mega.rollout.stop import StopChecker, validate_stop
-from r1mega.rollout.weight_sync import buckets, peek_naming
+from r1mega.rollout.weight_sync import peek_naming
 
 
 # ---- requests
@@ -144,10 +148,59 @@ class FlatMeta:
     numel: int
 
 
+_FUSED_PAIRS = (("self_attn.q_a_proj.", "self_attn.kv_a_proj_with_mqa."),)  # fused by SGLang's DeepSeek loader
+
+
+def _partner(name: str) -> Optional[str]:
+    for first, second in _FUSED_PAIRS:
+        if first in name:
+            return name.replace(first, second)
+        if second in name:
+            return name.replace(second, first)
+    return None
+
+
+def loading_units(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """The stream as units that must reach one `load_weights` call together: a fused pair (the first
+    held back until its partner arrives), or a single tensor. A pair member without its partner is
+    refused: SGLang would drop it silently."""
+    held: dict[str, tuple[str, torch.Tensor]] = {}
+    for name, t in named_tensors:
+        partner = _partner(name)
+        if partner is None:
+            yield [(name, t)]
+        elif partner in held:
+            first = held.pop(partner)
+            if first[1].dtype != t.dtype:
+                raise ValueError(f"{first[0]} ({first[1].dtype}) and {name} ({t.dtype}) are fused by SGLang: "
+                                 "send them in one dtype")
+            yield [first, (name, t)]
+        else:
+            held[name] = (name, t)
+    if held:
+        lone = sorted(held)
+        raise ValueError(f"{lone[0]} arrived without {_partner(lone[0])}: SGLang loads the two only together "
+                         f"(fused), so an update must carry both ({len(lone)} unpaired)")
+
+
+def unit_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Buckets of about `bucket_bytes` (weight_sync.buckets' rule) made of whole `loading_units`."""
+    bucket, size = [], 0
+    for unit in loading_units(named_tensors):
+        nbytes = sum(t.numel() * t.element_size() for _, t in unit)
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket += unit
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
 def flat_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Buckets of about `bucket_bytes` (weight_sync.buckets), each split by dtype (a flattened bucket is one
-    tensor), keeping the stream's order within a dtype."""
-    for bucket in buckets(named_tensors, bucket_bytes):
+    """`unit_buckets`, each split by dtype (a flattened bucket is one tensor; a fused pair has one dtype),
+    keeping the stream's order within a dtype."""
+    for bucket in unit_buckets(named_tensors, bucket_bytes):
         by_dtype: dict[torch.dtype, list] = {}
         for name, t in bucket:
             by_dtype.setdefault(t.dtype, []).append((name, t))
@@ -172,8 +225,10 @@ def unflatten(flat: torch.Tensor, metas: Sequence) -> list[tuple[str, torch.Tens
 
 
 def bucket_payloads(flat: torch.Tensor, metas: list[FlatMeta], tp_size: int, serialize: Callable[[Any], str],
-                    metadata_cls: type = FlatMeta) -> list[str]:
-    """`serialized_named_tensors` of a flattened_bucket update: one serialisation per TP rank."""
+                    metadata_cls: type = SimpleNamespace) -> list[str]:
+    """`serialized_named_tensors` of a flattened_bucket update: one serialisation per TP rank. The metadata
+    class must be one SGLang's SafeUnpickler accepts (its FlattenedTensorMetadata, or SimpleNamespace,
+    which it reads by the same attributes); FlatMeta itself would be refused."""
     def payload():
         return {"flattened_tensor": flat,
                 "metadata": [metadata_cls(name=m.name, shape=m.shape, dtype=m.dtype, start_idx=m.start_idx,

@@ -1,10 +1,13 @@
 """The SGLang engine without SGLang: request building, response parsing, weight buckets and names, and
 the HTTP mode end to end against a fake SGLang server on 127.0.0.1.
 
-The fake server implements SGLang's native endpoints as SGLang's source reads (engine.py,
+The fake server implements SGLang's native endpoints as SGLang 0.5.23's source reads (engine.py,
 http_server.py, schedule_batch.py's finish checks: length before stop tokens, `ignore_eos` also
-disabling `stop_token_ids`); a real SGLang run is the GPU test at the end (skipped here) and
-benchmarks/sglang_engine.py.
+disabling `stop_token_ids`; the tokenizer manager's context check, prompt >= context or prompt +
+max_new_tokens > context refused; SamplingParams.verify's ranges; the scheduler's SafeUnpickler
+allow-list; flush_cache and release_memory_occupation only on an idle scheduler, a flush with a
+timeout waiting for it). What runs against SGLang's own code is test_rollout_sglang_real.py; a real
+engine is the GPU test at the end (skipped here) and benchmarks/sglang_engine.py.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import base64
 import datetime
 import io
 import json
+import pickle
 import socket
 import threading
+import types
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.reduction import ForkingPickler
 
@@ -57,8 +63,26 @@ def serialize(obj) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+class AllowListUnpickler(pickle.Unpickler):
+    """SGLang's SafeUnpickler's rule: builtins, torch's rebuild functions and data types, a few sglang
+    containers and types.SimpleNamespace; any other class (a test's own dataclass) is refused."""
+
+    def find_class(self, module, name):
+        if module.split(".")[0] in ("builtins", "torch", "copyreg", "sglang") or (module, name) == (
+                "types", "SimpleNamespace") or module.startswith("multiprocessing."):
+            return super().find_class(module, name)
+        raise RuntimeError(f"Blocked unsafe global ({module}.{name}) during pickle deserialization")
+
+
 def deserialize(text: str):
-    return ForkingPickler.loads(base64.b64decode(text))
+    return AllowListUnpickler(io.BytesIO(base64.b64decode(text))).load()
+
+
+def verify_sampling(sp) -> None:
+    """SGLang's SamplingParams.verify ranges for the fields the adapter sends."""
+    assert isinstance(sp["temperature"], float) and sp["temperature"] >= 0
+    assert 0 < sp["top_p"] <= 1 and (sp["top_k"] == -1 or sp["top_k"] >= 1)
+    assert isinstance(sp.get("sampling_seed", 0), int)
 
 
 # ---- the fake SGLang server
@@ -94,12 +118,17 @@ class FakeSGLang(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_POST(self):
-        state, path = self.server.state, self.path
+        state = self.server.state
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        path, query = self.path.partition("?")[::2]
+        wait = float(urllib.parse.parse_qs(query).get("timeout", ["0"])[0])
         state["calls"].append((path, body.get("tags") or body.get("names")))
         if path == "/generate":
             assert body["return_logprob"] is True
-            if any(len(ids) > CONTEXT for ids in body["input_ids"]):
+            for sp in body["sampling_params"]:
+                verify_sampling(sp)
+            if any(len(ids) >= CONTEXT or len(ids) + sp["max_new_tokens"] > CONTEXT
+                   for ids, sp in zip(body["input_ids"], body["sampling_params"])):
                 return self.reply(400, {"error": {"message": f"input is longer than the context ({CONTEXT})"}})
             state["generated"] += [(ids, sp) for ids, sp in zip(body["input_ids"], body["sampling_params"])]
             return self.reply(200, [fake_generate(ids, sp, state["abort"])
@@ -111,6 +140,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
                 bucket = deserialize(payload)
                 for name, t in unflatten(bucket["flattened_tensor"], bucket["metadata"]):
                     state["weights"][name] = t.clone()
+            state["bucket_names"].append(sorted(m.name for m in bucket["metadata"]))
             return self.reply(200, {"success": True, "message": "ok"})
         if path == "/init_weights_update_group":
             store = dist.TCPStore(body["master_address"], body["master_port"], body["world_size"], False,
@@ -124,7 +154,16 @@ class FakeSGLang(BaseHTTPRequestHandler):
                 state["group"].broadcast(t, 0).wait()  # in the order of the names, as SGLang receives
                 state["weights"][name] = t
             return self.reply(200, {"success": True, "message": "ok"})
-        if path in ("/flush_cache", "/release_memory_occupation", "/resume_memory_occupation", "/abort_request"):
+        if path == "/flush_cache":
+            if state["draining"] and wait > 0:  # a flush with a timeout waits for the requests to finish
+                state["draining"] = 0
+            if state["draining"]:
+                return self.reply(400, "Cache not flushed because there are pending requests.")
+            return self.reply(200, None)
+        if path == "/release_memory_occupation" and state["draining"]:
+            return self.reply(500, {"error": {"message": "release_memory_occupation should be called only when "
+                                                         "server is idle."}})
+        if path in ("/release_memory_occupation", "/resume_memory_occupation", "/abort_request"):
             return self.reply(200, None)
         self.reply(404, {"error": {"message": f"no route {path}"}})
 
@@ -132,7 +171,8 @@ class FakeSGLang(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
-    httpd.state = {"calls": [], "generated": [], "weights": {}, "abort": False, "tp_size": 2}
+    httpd.state = {"calls": [], "generated": [], "weights": {}, "abort": False, "tp_size": 2, "draining": 0,
+                   "bucket_names": []}
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield httpd
@@ -144,7 +184,7 @@ def server():
 def http_engine(server, **kw) -> SGLangEngine:
     url = f"http://127.0.0.1:{server.server_address[1]}"
     return SGLangEngine(HTTPBackend(url, timeout_s=30, control_timeout_s=30), tokenizer=TOK, tp_size=2,
-                        serializer=(serialize, FlatMeta), device="cpu", timeout_s=30, **kw)
+                        serializer=(serialize, types.SimpleNamespace), device="cpu", timeout_s=30, **kw)
 
 
 # ---- requests
@@ -236,6 +276,8 @@ def test_bucket_payloads_serialise_once_per_rank_and_deserialise_to_the_same_ten
     flat, metas = flatten(named)
     payloads = bucket_payloads(flat, metas, 3, serialize)
     assert len(payloads) == 3 and all(isinstance(p, str) for p in payloads)
+    with pytest.raises(RuntimeError, match="Blocked"):  # SGLang's unpickler refuses a class of ours
+        deserialize(bucket_payloads(flat, metas, 1, serialize, FlatMeta)[0])
     for payload in payloads:
         bucket = deserialize(payload)
         assert set(bucket) == {"flattened_tensor", "metadata"}
@@ -289,6 +331,28 @@ def test_http_abort_turns_running_samples_into_errors(server):
     assert ("/abort_request", None) in server.state["calls"]
 
 
+def test_release_and_flush_wait_for_requests_still_draining_after_an_abort(server):
+    engine = http_engine(server)
+    server.state["draining"] = 1  # aborted requests not finished yet: SGLang refuses an immediate flush/release
+    engine.release_memory()
+    assert [p for p, _ in server.state["calls"]] == ["/flush_cache", "/release_memory_occupation"]
+    server.state["draining"] = 1
+    engine.update_weights([("model.norm.weight", torch.ones(8))], version=1)
+    assert engine.version == 1
+
+
+def test_weight_update_keeps_deepseeks_fused_pair_in_one_request(server):
+    engine = http_engine(server, bucket_bytes=1)  # every other tensor alone
+    named = [("model.layers.0.self_attn.q_a_proj.weight", torch.randn(4, 2)), ("model.norm.weight", torch.randn(2)),
+             ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", torch.randn(3, 2))]
+    engine.update_weights(iter(named), version=1)
+    requests = [names for p, names in server.state["calls"] if p == "/update_weights_from_tensor"]
+    assert len(requests) == 2 and all(torch.equal(server.state["weights"][n], t) for n, t in named)
+    assert sorted(server.state["bucket_names"]) == [["model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+                                                     "model.layers.0.self_attn.q_a_proj.weight"],
+                                                    ["model.norm.weight"]]
+
+
 def test_http_weight_update_sends_hf_buckets_then_flushes_once(server):
     engine = http_engine(server, dtype=torch.bfloat16, bucket_bytes=64)
     named = [("model.embed_tokens.weight", torch.randn(4, 8)),
@@ -308,14 +372,14 @@ def test_http_weight_update_sends_hf_buckets_then_flushes_once(server):
 def test_memory_release_and_resume_order(server):
     engine = http_engine(server)
     calls = server.state["calls"]
-    engine.release_memory()
-    assert calls[-1] == ("/release_memory_occupation", ["weights", "kv_cache", "cuda_graph"])
+    engine.release_memory()  # once idle (a flush that waits for it)
+    assert calls == [("/flush_cache", None), ("/release_memory_occupation", ["weights", "kv_cache", "cuda_graph"])]
     with pytest.raises(RuntimeError, match="resume_memory"):
         engine.generate([[1]], SamplingParams(max_new_tokens=1))
     engine.update_weights([("model.norm.weight", torch.ones(8))], version=1)
     # the weights come back alone, are written, then the cache is flushed; the KV cache stays released
-    assert [p for p, _ in calls[1:]] == ["/resume_memory_occupation", "/update_weights_from_tensor", "/flush_cache"]
-    assert calls[1][1] == ["weights"]
+    assert [p for p, _ in calls[2:]] == ["/resume_memory_occupation", "/update_weights_from_tensor", "/flush_cache"]
+    assert calls[2][1] == ["weights"]
     engine.resume_memory()
     assert calls[-1] == ("/resume_memory_occupation", ["kv_cache", "cuda_graph"])
     assert engine.generate([[1]], SamplingParams(max_new_tokens=1))[0][0].finish_reason == "length"
