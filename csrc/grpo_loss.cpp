@@ -10,6 +10,7 @@
 // Left out: parallelism within a row (rows are the unit of work), anything but 2-D inputs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -18,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <bit>
 #include <limits>
 #include <type_traits>
@@ -94,7 +96,7 @@ struct Rows {
 };
 
 // The row kernel once per vector ISA (see grpo_loss_rows.h); the extension is built without -march,
-// for any x86-64, and picks AVX-512, AVX2 or baseline x86-64 (SSE2) from the CPU it runs on.
+// for any x86-64, and runs AVX-512, AVX2 or baseline x86-64 (SSE2) as ATen does (torch_isa).
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")
@@ -115,23 +117,20 @@ namespace baseline {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-Isa best_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                 __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
-                             ? Isa::kAvx512
-                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2
-                                                                                             : Isa::kBaseline;
+// The vector ISA ATen's own kernels use (its choice from the CPU, lowered by ATEN_CPU_CAPABILITY, which
+// train.cpu_isa sets): one process then runs one ISA everywhere, and a pinned run the same on every CPU.
+Isa torch_isa() {
+  static const Isa isa = [] {
+    const std::string capability = at::get_cpu_capability();
+    return capability == "AVX512" ? Isa::kAvx512 : capability == "AVX2" ? Isa::kAvx2 : Isa::kBaseline;
+  }();
   return isa;
-#else
-  return Isa::kBaseline;
-#endif
 }
 
 template <bool kRef, bool kPerToken, typename scalar_t, typename mask_t, typename acc_t>
 void forward_rows(const Rows<scalar_t, mask_t, acc_t>& in, int64_t begin, int64_t end) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  switch (best_isa()) {
+  switch (torch_isa()) {
     case Isa::kAvx512: return avx512::forward_rows<kRef, kPerToken>(in, begin, end);
     case Isa::kAvx2: return avx2::forward_rows<kRef, kPerToken>(in, begin, end);
     case Isa::kBaseline: break;

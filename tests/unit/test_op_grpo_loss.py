@@ -305,3 +305,42 @@ def test_bad_arguments():
         grpo_loss(logp, old, ref, adv, mask, agg="mean")
     with pytest.raises(ValueError, match="advantages"):
         grpo_loss(logp, old, ref, adv[:1], mask)
+
+
+# The kernel in a fresh process with ATen at AVX-512 and lowered to AVX2: loss, statistics and gradient
+# bit for bit, so that train.cpu_isa=avx2 makes a run the same on every CPU that has AVX2. (The baseline
+# SSE2 build has no FMA and rounds differently: a CPU without AVX2 cannot be pinned to it anyway.)
+_ISA_PROBE = """
+import hashlib, sys, torch
+sys.path[:0] = [{tests!r}, {tests!r} + '/..']
+from test_op_grpo_loss import make_inputs, run
+from r1mega.ops.grpo_loss import grpo_loss
+logp, old, ref, adv, mask = make_inputs(B=6, T=301, spread=0.6)
+loss, stats, grad = run(grpo_loss, logp, old, ref, adv, mask, clip_low=0.2, clip_high=0.28, beta=0.01)
+digest = hashlib.sha256(loss.numpy().tobytes() + grad.numpy().tobytes())
+for value in stats.values():
+    digest.update(value.detach().numpy().tobytes())
+print(torch.backends.cpu.get_cpu_capability(), digest.hexdigest())
+"""
+
+
+def test_kernel_gives_the_same_bits_on_every_isa():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    needs_kernel("grpo_loss", "cpu")
+    code = _ISA_PROBE.format(tests=str(Path(__file__).resolve().parent))
+    seen = {}
+    for isa in ("avx512", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        capability, digest = done.stdout.split()
+        seen[capability] = digest  # a CPU without the ISA runs a lower one: the same key again
+    if "AVX2" not in seen:
+        pytest.skip(f"this CPU has no AVX2 ({seen})")
+    if len(seen) == 1:
+        pytest.skip("this CPU has no AVX-512: one ISA to compare")
+    assert len(set(seen.values())) == 1, seen
