@@ -24,6 +24,7 @@ def run(config: EvalConfig) -> dict[str, dict[str, float]]:
     from r1mega.eval.report import markdown_table, write_results
     from r1mega.eval.run import evaluate_model, load_eval_sets
     from r1mega.models import load_pretrained
+    from r1mega.rewards.sandbox import allow_isolation
     from r1mega.trainers.components import pick_device
 
     if not config.model_path:
@@ -36,6 +37,7 @@ def run(config: EvalConfig) -> dict[str, dict[str, float]]:
             raise
         print(f"{tokenizer_dir} holds no tokenizer.json: using the embedded default tokenizer")
         tokenizer = build_default_tokenizer()
+    allow_isolation(config.sandbox.allow)  # before the scoring pool starts: its workers inherit it
     device = pick_device(config.device)
     model = load_pretrained(config.model_path, device=device).eval()
     sets = load_eval_sets(config.datasets, template=config.template, size=config.size,

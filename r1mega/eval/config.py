@@ -11,6 +11,7 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from r1mega.config import SandboxConfig
 from r1mega.eval.run import EvalSettings
 
 
@@ -27,6 +28,7 @@ class EvalConfig:
     out_dir: str = "runs/eval"
     device: str = "auto"
     max_slots: int = 256
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # code rewards: weaker isolation allowed
 
 
 def register_eval_configs() -> None:

@@ -243,7 +243,7 @@ def isolation() -> tuple[str, str]:
         if mode != MODES[0] and mode not in allowed:
             raise SandboxRefused(
                 f"the code sandbox can only run in mode {mode!r} here ({strongest_failure}), weaker than "
-                f"{MODES[0]!r}; set reward.sandbox.allow=[{mode}] to accept it")
+                f"{MODES[0]!r}; set reward.sandbox.allow=[{mode}] (r1mega-eval: sandbox.allow=[{mode}]) to accept it")
         (log.warning if mode != MODES[0] else log.info)(
             "code sandbox: isolation %r with %s%s", mode, python,
             f" (allowed by reward.sandbox.allow; {strongest_failure})" if strongest_failure else "")

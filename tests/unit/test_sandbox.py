@@ -370,3 +370,14 @@ def test_namespace_mode_view():
 
 def test_config_declares_the_allow_list():
     assert Config().reward.sandbox.allow == []
+
+
+def test_eval_cli_passes_its_allow_list_on(monkeypatch, tmp_path):
+    from r1mega.cli.eval import run as run_eval
+    from r1mega.config import SandboxConfig
+    from r1mega.eval.config import EvalConfig
+
+    monkeypatch.setenv(sandbox.ALLOW_ENV, "")
+    with pytest.raises(Exception):  # no checkpoint there: it fails after accepting the allow list
+        run_eval(EvalConfig(model_path=str(tmp_path / "missing"), sandbox=SandboxConfig(allow=["none"])))
+    assert os.environ[sandbox.ALLOW_ENV] == "none"
