@@ -11,7 +11,7 @@ from r1mega.trainers.policy_model import trainable
 @pytest.mark.parametrize("split", [{"tp": 2}, {"ep": 2}])
 def test_megatron_under_torchrun_refuses_tensor_and_expert_parallel(split):
     dims = SimpleNamespace(**{"tp": 1, "ep": 1, **split})
-    dp = SimpleNamespace(distributed=True, dims=dims)
+    dp = SimpleNamespace(distributed=True, dims=dims, parallel_cfg=None)
     key = next(iter(split))
     with pytest.raises(ValueError, match=f"parallel.{key}=2"):
         trainable(SimpleNamespace(backend="megatron"), nn.Linear(2, 2), dp)
