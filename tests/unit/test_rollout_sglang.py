@@ -445,3 +445,58 @@ def test_sglang_engine_logprobs_match_the_trainer(tmp_path):
         assert torch.allclose(torch.tensor(s.logprobs, device="cuda"), ref, atol=2e-2)
     finally:
         engine.shutdown()
+
+
+class _LoopEngine:
+    """The shape of `sglang.Engine` that abort_all relies on: `generate` drives an asyncio loop in the
+    caller's thread until the request ends, and `tokenizer_manager.abort_request` must run on that loop."""
+
+    def __init__(self):
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self.started = threading.Event()
+        self.aborts: list[tuple[int, bool]] = []  # (generate call it hit, called from the loop's thread)
+        self.calls = 0
+        self.tokenizer_manager = types.SimpleNamespace(abort_request=self._abort_request)
+        self._finished = None
+
+    def _abort_request(self, abort_all: bool) -> None:
+        self.aborts.append((self.calls, threading.current_thread() is threading.main_thread()))
+        self._finished.set_result("aborted")
+
+    def generate(self, input_ids, sampling_params, return_logprob):
+        self.calls += 1
+        self._finished = self.loop.create_future()
+        self.loop.call_soon(self.started.set)
+        result = self.loop.run_until_complete(self._finished)  # runs until an abort ends the request
+        self.started.clear()
+        return [{"result": result}]
+
+
+@pytest.mark.timeout(20)  # an abort that never reaches the loop leaves generate waiting
+def test_in_process_abort_from_another_thread_runs_on_the_engine_loop_and_only_for_its_call():
+    from r1mega.rollout.sglang_engine import InProcessBackend
+
+    engine = _LoopEngine()
+    backend = InProcessBackend(engine)
+    backend.abort_all()  # nothing runs: no-op, and nothing queued for the next call
+
+    def abort_when_running():
+        engine.started.wait()
+        backend.abort_all()
+
+    thread = threading.Thread(target=abort_when_running)
+    thread.start()
+    assert backend.generate([{"input_ids": [1], "sampling_params": {}}]) == [{"result": "aborted"}]
+    thread.join()
+    assert engine.aborts == [(1, True)]  # the first call, aborted on the loop's (the caller's) thread
+
+    stale = threading.Thread(target=backend.abort_all)  # idle again: a late abort must not reach call 2
+    stale.start()
+    stale.join()
+    thread = threading.Thread(target=abort_when_running)
+    thread.start()
+    backend.generate([{"input_ids": [2], "sampling_params": {}}])
+    thread.join()
+    assert engine.aborts == [(1, True), (2, True)]
