@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from r1mega.pipeline import stages
 from r1mega.pipeline.config import STAGES, PipelineConfig
+from r1mega.rewards.sandbox import allow_isolation
 from r1mega.trainers.cpu_kernels import pin_cpu_kernels
 
 FINISHED = "stage.json"
@@ -77,6 +78,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     from r1mega.pipeline.report import write_report
 
     pin_cpu_kernels(cfg.train.cpu_isa)  # before the first tensor work (the evaluation sets)
+    allow_isolation(cfg.reward.sandbox.allow)  # every stage's scoring pools, evaluations included
     settings = cfg.pipeline
     if not 0 <= settings.start_stage <= settings.stop_stage < len(STAGES):
         raise ValueError(f"pipeline.start_stage={settings.start_stage} and pipeline.stop_stage={settings.stop_stage} "

@@ -29,6 +29,7 @@ from r1mega.pipeline.config import AllScenarioStage, PipelineConfig, RLStage, SF
 from r1mega.pipeline.general import general_rows
 from r1mega.pipeline.schedule import SwitchedPrompts, general_steps
 from r1mega.trainers.components import build_prompt_sets, pick_device
+from r1mega.trainers.policy_update import steps_per_rollout
 
 
 def grpo_config(cfg: PipelineConfig) -> Config:
@@ -117,7 +118,6 @@ def rejection_sft(cfg: PipelineConfig, source: Path, base_dir: Path, out: Path) 
     from r1mega.data.datasets import load_sft_dataset
     from r1mega.pipeline.rejection import mix, rejection_sample, write_jsonl
     from r1mega.rewards import ScoringPool
-    from r1mega.rewards.sandbox import allow_isolation
     from r1mega.rollout.engine import max_len_for
     from r1mega.rollout.native import NativeEngine
 
@@ -129,7 +129,6 @@ def rejection_sft(cfg: PipelineConfig, source: Path, base_dir: Path, out: Path) 
                           model.config.max_position_embeddings, key="pipeline.rejection.sampling.max_new_tokens")
     engine = NativeEngine(model, tokenizer, max_slots=cfg.rollout.max_slots, max_len=max_len,
                           device=pick_device(cfg.train.device))
-    allow_isolation(cfg.reward.sandbox.allow)
     with ScoringPool(dict(stage.reward), cfg.reward.num_workers, cfg.reward.timeout) as scorer:
         kept, stats = rejection_sample(engine, tokenizer, rows, scorer, stage.sampling, source=str(source))
     if not kept:
@@ -188,7 +187,10 @@ def all_scenario_prompts(cfg: PipelineConfig) -> SwitchedPrompts:
     general = [{"prompt": template(p), "question": p} for p in _general_prompts(stage, count, cfg.train.seed)]
     mixed = [*reasoning, *general]
     random.Random(cfg.train.seed).shuffle(mixed)
-    switch = stage.steps - general_steps(stage.steps, stage.general_steps)
+    # Prompts are drawn at a rollout's first step: the switch is the last rollout start that leaves at
+    # least `general_steps` steps with general rows.
+    per_rollout = steps_per_rollout(cfg.algo)
+    switch = (stage.steps - general_steps(stage.steps, stage.general_steps)) // per_rollout * per_rollout
     return SwitchedPrompts(reasoning, mixed, switch, cfg.train.seed)
 
 

@@ -3,6 +3,7 @@ the report holding every stage's evaluation, skipping finished stages and rerunn
 the r1mega-eval CLI on a stage's checkpoint, and the strict config."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from r1mega.pipeline.runner import FINISHED, run_pipeline, stage_dirs
 from r1mega.pipeline.schedule import general_steps
 from r1mega.pipeline.stages import all_scenario_prompts
 from r1mega.rewards import get_reward
+from r1mega.trainers.policy_update import steps_per_rollout
 
 MINIMAL = [
     "model.init=random", "algo.train_batch_size=2", "algo.group_size=2", "algo.ppo_mini_batch_size=2",
@@ -82,10 +84,42 @@ def test_stage_four_has_general_data_and_the_reward_model_in_its_final_steps_onl
         assert general, step
         with pytest.raises(RuntimeError, match="R1MEGA_HELPFUL_RM"):  # the reward model scores them
             helpful_rm("<think> a </think> b", general[0])
+    # Drawn as the trainer draws them, at each rollout's first step: at least general_steps steps get
+    # general rows, whatever the rollout size (the tiny default's 30 steps in rollouts of 2; one step).
+    for overrides, wanted in ((["pipeline.all_scenario_rl.steps=30"], 7),
+                              (["pipeline.all_scenario_rl.steps=30", "pipeline.all_scenario_rl.general_steps=1"], 1),
+                              (["pipeline.all_scenario_rl.steps=1700", "algo.train_batch_size=64",
+                                "algo.ppo_mini_batch_size=4"], 400)):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            short = OmegaConf.to_object(compose("pipeline", overrides=[*overrides, "data.train_size=64"]))
+        stream, per_rollout, steps = all_scenario_prompts(short), steps_per_rollout(short.algo), \
+            short.pipeline.all_scenario_rl.steps
+        step = 0
+        stream.follow(lambda: step)
+        general_steps_trained = 0
+        for step in range(0, steps, per_rollout):
+            if any("answer" not in row for row in stream.take(32)):
+                general_steps_trained += min(per_rollout, steps - step)
+        assert wanted <= general_steps_trained < wanted + per_rollout, (overrides, general_steps_trained)
     # Scaled in proportion for shorter stages; a configured count must fit in the stage.
     assert general_steps(1700, None) == 400 and general_steps(30, None) == 7 and general_steps(30, 5) == 5
     with pytest.raises(ValueError, match="pipeline.all_scenario_rl.general_steps=31"):
         general_steps(30, 31)
+
+
+def test_the_pipeline_accepts_the_sandbox_allow_list_before_any_stage(monkeypatch, tmp_path):
+    # Stages evaluate (with scoring pools) before any trainer starts: the allow list must already hold.
+    from r1mega.rewards import sandbox
+
+    monkeypatch.setenv(sandbox.ALLOW_ENV, "")
+    register_pipeline_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = OmegaConf.to_object(compose("pipeline", overrides=[
+            "reward.sandbox.allow=[none]", "pipeline.start_stage=3", "pipeline.stop_stage=1",
+            f"pipeline.out_dir={tmp_path}"]))
+    with pytest.raises(ValueError, match="start_stage"):  # refused before any work
+        run_pipeline(cfg)
+    assert os.environ[sandbox.ALLOW_ENV] == "none"
 
 
 def test_config_is_strict(tmp_path):
