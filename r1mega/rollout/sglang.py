@@ -49,7 +49,7 @@ import torch
 from r1mega.config import SGLangConfig
 from r1mega.rollout.engine import Prompts, Sample, SamplingParams, validate
 from r1mega.rollout.sglang_protocol import (RequestRejected, SGLangError, broadcast_meta, bucket_payloads, expand,
-                                            flat_buckets, flatten, parse_output, to_hf, unit_buckets)
+                                            flat_buckets, flatten, loading_buckets, parse_output, to_hf)
 from r1mega.rollout.weight_sync import DEFAULT_BUCKET_BYTES
 
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"  # SGLang's memory tags
@@ -236,7 +236,7 @@ class SGLangEngine:
                     bucket_payloads(flat, metas, self.tp_size, serialize, metadata_cls), "flattened_bucket")
         else:
             group, name = self._group
-            for bucket in unit_buckets(stream, self.bucket_bytes):
+            for bucket in loading_buckets(stream, self.bucket_bytes):
                 names, dtypes, shapes = broadcast_meta(bucket)
                 _concurrently(lambda: [group.broadcast(t.contiguous(), 0).wait() for _, t in bucket],
                               lambda: self.backend.update_weights_from_distributed(names, dtypes, shapes, name),

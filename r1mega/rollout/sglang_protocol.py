@@ -44,7 +44,7 @@ from r1mega.models.hf import native_to_hf
 from r1mega.rollout.engine import Sample, SamplingParams
 from r1mega.rollout.sampling import sample_seed
 from r1mega.rollout.stop import StopChecker, validate_stop
-from r1mega.rollout.weight_sync import peek_naming
+from r1mega.rollout.weight_sync import peek_naming, unit_buckets
 
 
 # ---- requests
@@ -183,24 +183,17 @@ def loading_units(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator
                          f"(fused), so an update must carry both ({len(lone)} unpaired)")
 
 
-def unit_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Buckets of about `bucket_bytes` (weight_sync.buckets' rule) made of whole `loading_units`."""
-    bucket, size = [], 0
-    for unit in loading_units(named_tensors):
-        nbytes = sum(t.numel() * t.element_size() for _, t in unit)
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket += unit
-        size += nbytes
-    if bucket:
-        yield bucket
+def loading_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                    bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Buckets of about `bucket_bytes` made of whole `loading_units`."""
+    return unit_buckets(loading_units(named_tensors), bucket_bytes)
 
 
-def flat_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """`unit_buckets`, each split by dtype (a flattened bucket is one tensor; a fused pair has one dtype),
+def flat_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                 bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """`loading_buckets`, each split by dtype (a flattened bucket is one tensor; a fused pair has one dtype),
     keeping the stream's order within a dtype."""
-    for bucket in unit_buckets(named_tensors, bucket_bytes):
+    for bucket in loading_buckets(named_tensors, bucket_bytes):
         by_dtype: dict[torch.dtype, list] = {}
         for name, t in bucket:
             by_dtype.setdefault(t.dtype, []).append((name, t))

@@ -60,15 +60,22 @@ def to_native(config, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iter
     return hf_to_native(config, stream)
 
 
-def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
+            bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Consecutive groups of pairs, each up to `bucket_bytes` (a larger tensor makes a bucket of its own)."""
+    return unit_buckets(([pair] for pair in named_tensors), bucket_bytes)
+
+
+def unit_buckets(units: Iterable[list[tuple[str, torch.Tensor]]],
+                 bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """`buckets` over units, lists of pairs that must travel in one bucket (a unit is never split)."""
     bucket, size = [], 0
-    for name, t in named_tensors:
-        nbytes = t.numel() * t.element_size()
+    for unit in units:
+        nbytes = sum(t.numel() * t.element_size() for _, t in unit)
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, t))
+        bucket += unit
         size += nbytes
     if bucket:
         yield bucket
