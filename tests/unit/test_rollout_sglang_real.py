@@ -41,12 +41,13 @@ def sglang_serializer():
     from r1mega.rollout.sglang_engine import ipc_serializer
 
     serializer = ipc_serializer()
-    patched = reductions.reduce_tensor
     assert hasattr(reductions, "_reduce_tensor_original")  # SGLang's device-by-UUID patch is applied
     reductions.reduce_tensor = reductions._reduce_tensor_original
     reductions.init_reductions()
     yield serializer
-    reductions.reduce_tensor = patched
+    # Torch as the test found it, unpatched: later tests pickle CPU tensors (the next ipc_serializer() patches again).
+    reductions.rebuild_cuda_tensor = reductions._rebuild_cuda_tensor_original
+    del reductions._reduce_tensor_original, reductions._rebuild_cuda_tensor_original
     reductions.init_reductions()
 
 
