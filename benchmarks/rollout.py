@@ -4,12 +4,14 @@ plain copy of the same bytes, and one long generation's time and peak memory, al
     python benchmarks/rollout.py                       # batch 64, prompt 64, output 512; 65,536-token run
     python benchmarks/rollout.py --quick               # batch 16, prompt 32, output 64; 2,048-token run
     python benchmarks/rollout.py --long-tokens 8192 --json rollout.json
+    python benchmarks/rollout.py --preset moe_0p7b --dtype bfloat16 --long-tokens 0   # a GPU's run (gpu_check.py c)
 
 - Throughput: `batch` random prompts of `prompt` tokens, `output` new tokens each, sampled at
   temperature 1 with no stop condition (every sequence has the same length, so continuous batching
   gains nothing here: this measures the decode loop itself). transformers runs `generate` with
   do_sample=True, top_k=0, min_new_tokens=output on the same weights (saved with r1mega.models.hf).
-  The two alternate `--throughput-repeat` times; each side's fastest run counts.
+  The two alternate `--throughput-repeat` times; each side's fastest run counts. Both hold the weights
+  in `--dtype` (float32 by default; bf16 is what a GPU run decodes in).
 - Weight swap: `update_weights` with a full native state_dict of another model, against a loop of
   `copy_` between the same tensors; medians of `repeat` runs.
 - Long generation: one sequence of `long_tokens` new tokens in an engine sized for it (one slot); time
@@ -31,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # from a checkout
 
+import bench_models  # noqa: E402
 from r1mega.models import Transformer, hf  # noqa: E402
-from r1mega.models import config as presets  # noqa: E402
 from r1mega.models.kv_cache import KVCache  # noqa: E402
 from r1mega.rollout import SamplingParams  # noqa: E402
 from r1mega.rollout.native import NativeEngine  # noqa: E402
@@ -67,7 +69,7 @@ def long_generation(model, tokens: int, device) -> dict:
             "kv_cache_bytes": KVCache.bytes_per_token(model.config) * engine.max_len}
 
 
-def throughput(model, batch: int, prompt: int, output: int, device, repeat: int) -> dict:
+def throughput(model, batch: int, prompt: int, output: int, device, repeat: int, dtype=torch.float32) -> dict:
     """Native engine and transformers `generate` on the same prompts, alternated `repeat` times; the
     fastest run of each, so that a burst of load from other jobs does not decide the ratio."""
     import transformers
@@ -78,7 +80,7 @@ def throughput(model, batch: int, prompt: int, output: int, device, repeat: int)
     engine.generate(prompts[:2].tolist(), SamplingParams(max_new_tokens=4))  # warm-up
     with tempfile.TemporaryDirectory() as tmp:
         hf.save(model, tmp, overwrite=True)
-        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).to(device).eval()
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     ids = prompts.to(device)
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
     with torch.no_grad():
@@ -102,7 +104,7 @@ def throughput(model, batch: int, prompt: int, output: int, device, repeat: int)
             _sync(device)
             runs[label].append((time.perf_counter() - started, tokens))
     (native_s, native_tokens), (hf_s, hf_tokens) = min(runs["native"]), min(runs["transformers"])
-    return {"batch": batch, "prompt": prompt, "output": output, "repeat": repeat,
+    return {"batch": batch, "prompt": prompt, "output": output, "repeat": repeat, "dtype": str(dtype)[6:],
             "native_tokens_per_s": native_tokens / native_s, "native_seconds": native_s,
             "transformers_tokens_per_s": hf_tokens / hf_s, "transformers_seconds": hf_s,
             "speedup": (native_tokens / native_s) / (hf_tokens / hf_s),
@@ -111,7 +113,7 @@ def throughput(model, batch: int, prompt: int, output: int, device, repeat: int)
 
 def weight_swap(model, device, repeat: int) -> dict:
     engine = NativeEngine(model, max_slots=1, max_len=8, device=device)
-    other = Transformer(model.config).to(device)
+    other = Transformer(model.config).to(device=device, dtype=next(model.parameters()).dtype)
     src = other.state_dict()
     dst = engine.model.state_dict()
     nbytes = sum(t.numel() * t.element_size() for t in src.values())
@@ -141,7 +143,9 @@ def weight_swap(model, device, repeat: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny_deepseek_v3", help="a preset of r1mega.models.config")
+    parser.add_argument("--preset", default="tiny_deepseek_v3",
+                        help="a preset of r1mega.models.config or a name in benchmarks/bench_models.py")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and cache")
     parser.add_argument("--quick", action="store_true", help="batch 16, prompt 32, output 64, long run 2,048")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--prompt", type=int)
@@ -160,14 +164,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = Transformer(getattr(presets, args.preset)()).to(device).eval()
+    dtype = getattr(torch, args.dtype)
+    model = Transformer(bench_models.config(args.preset)).to(device=device, dtype=dtype).eval()
 
     results = {"preset": args.preset, "device": str(device), "threads": torch.get_num_threads(),
                "parameters": sum(p.numel() for p in model.parameters())}
     if long_tokens:
         results["long_generation"] = long_generation(model, long_tokens, device)
         print("long generation:", json.dumps(results["long_generation"]), flush=True)
-    results["throughput"] = throughput(model, batch, prompt, output, device, args.throughput_repeat)
+    results["throughput"] = throughput(model, batch, prompt, output, device, args.throughput_repeat, dtype)
     print("throughput:", json.dumps(results["throughput"]), flush=True)
     results["weight_swap"] = weight_swap(model, device, args.repeat)
     print("weight swap:", json.dumps(results["weight_swap"]), flush=True)
