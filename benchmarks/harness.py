@@ -8,7 +8,9 @@ filtered-out cases never allocate. Every baseline's time and the kernel's ratio 
 same process, timed in interleaved rounds (one call of each per round), so a change in the machine's
 load reaches all of them alike. With `bytes_moved`, a plain copy moving the same bytes (half read,
 half written, between buffers allocated beforehand) is timed too: the kernel's GB/s next to what a
-copy achieves in the same run.
+copy achieves in the same run. Likewise with `flops` (per call) the kernel's TFLOP/s, and with `matmul`
+(m, k, n, dtype) a plain [m, k] x [k, n] product timed in the same rounds: the rate the device's
+matrix units reach in this run, the ceiling a GEMM-bound kernel is read against.
 
 Peak memory is "bytes allocated above what was live before the call":
 - CUDA: `torch.cuda.reset_peak_memory_stats` then `max_memory_allocated - memory_allocated` (the
@@ -47,6 +49,8 @@ class Case:
     device: str = "cpu"
     target: str | None = None
     bytes_moved: int | None = None
+    flops: int | None = None
+    matmul: tuple[int, int, int, torch.dtype] | None = None
 
 
 def _sync(device: str | torch.device | None = None) -> None:
@@ -104,7 +108,16 @@ def peak_memory_bytes(fn: Callable[[], object], device: str | torch.device) -> i
     return _cpu_peak_bytes(fn)
 
 
+def _matmul_of(m: int, k: int, n: int, dtype: torch.dtype, device: str) -> Callable[[], object]:
+    """An [m, k] x [k, n] product into a buffer allocated now (2 m k n FLOPs a call)."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(n, k, device=device).to(dtype)  # [n, k] transposed: the layout of an output matrix
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    return lambda: torch.mm(a, b.t(), out=out)
+
+
 COPY = "plain copy"
+MATMUL = "plain matmul"
 
 
 def _run_one(case: Case, repeat: int, warmup: int) -> dict:
@@ -115,6 +128,8 @@ def _run_one(case: Case, repeat: int, warmup: int) -> dict:
     fns = {"kernel": kernel_fn, **baselines}
     if case.bytes_moved is not None:
         fns[COPY] = _copy_of(case.bytes_moved, case.device)
+    if case.matmul is not None:
+        fns[MATMUL] = _matmul_of(*case.matmul, case.device)
     times = time_fns(fns, repeat=repeat, warmup=warmup)
     row["kernel_s"] = times["kernel"]
     row["baselines"] = {name: {"s": times[name], "speedup": times[name] / times["kernel"]} for name in baselines}
@@ -126,6 +141,14 @@ def _run_one(case: Case, repeat: int, warmup: int) -> dict:
         row["kernel_gb_per_s"] = case.bytes_moved / times["kernel"] / 1e9
         row["copy_s"] = times[COPY]
         row["copy_gb_per_s"] = case.bytes_moved / times[COPY] / 1e9
+    if case.flops is not None:
+        row["flops"] = case.flops
+        row["kernel_tflops"] = case.flops / times["kernel"] / 1e12
+    if case.matmul is not None:
+        m, k, n, dtype = case.matmul
+        row["matmul"] = f"[{m}, {k}] x [{k}, {n}] {str(dtype)[6:]}"
+        row["matmul_s"] = times[MATMUL]
+        row["matmul_tflops"] = 2 * m * k * n / times[MATMUL] / 1e12
     return row
 
 
@@ -140,6 +163,12 @@ def _format(row: dict) -> str:
         lines.append(f"{'':55}{row['bytes_moved'] / 1e6:.1f} MB moved: kernel {row['kernel_gb_per_s']:.1f} GB/s, "
                      f"a plain copy of as many bytes {row['copy_s'] * 1e3:.2f} ms = {row['copy_gb_per_s']:.1f} GB/s "
                      f"(kernel = {row['copy_s'] / row['kernel_s']:.0%} of copy speed)")
+    if "kernel_tflops" in row:
+        line = f"{'':55}{row['flops'] / 1e12:.3g} TFLOP a call: kernel {row['kernel_tflops']:.1f} TFLOP/s"
+        if "matmul_tflops" in row:
+            line += (f", a plain {row['matmul']} matmul {row['matmul_tflops']:.1f} TFLOP/s "
+                     f"(kernel = {row['kernel_tflops'] / row['matmul_tflops']:.0%} of it)")
+        lines.append(line)
     for name, b in row["baselines"].items():
         lines.append(f"{'':55}vs {name:<18} {b['s'] * 1e3:9.2f} ms  {b['speedup']:7.2f}x")
     return "\n".join(lines)
