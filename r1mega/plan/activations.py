@@ -145,7 +145,8 @@ def training_activations(c: ModelConfig, layers: list[int], mode: str, tokens: i
         kept += (2 * h_ + 1) * tokens * FLOAT  # final norm
         kept += response_rows * (2 * h_ * FLOAT + INT)  # gathered rows, grad_hidden, the gather's index
         kept += vocab * h_ * FLOAT  # grad_weight, kept from the loss's forward to its backward
-        buffers = 2 * LOSS_BUFFER_ELEMENTS.get(device, 1 << 26) * FLOAT
+        # [rows, chunk] logits and their softmax; the chunk is the budget / rows, at most the vocabulary
+        buffers = 2 * min(LOSS_BUFFER_ELEMENTS.get(device, 1 << 26), response_rows * vocab) * FLOAT
         if buffers > transient:
             transient, largest = buffers, "loss logits buffers"
     return TrainingActivations(kept=int(kept), transient=int(transient), largest_layer=largest)
@@ -156,4 +157,4 @@ def inference_activations(c: ModelConfig, tokens: int, *, tp: int = 1, device: s
     intermediates live at once (four of the widest per-token tensors), plus the loss-op buffers."""
     widest = max(c.hidden_size, c.intermediate_size // tp, c.num_experts_per_tok * c.moe_intermediate_size,
                  c.num_attention_heads // tp * max(c.qk_head_dim, c.v_head_dim or 0))
-    return int(4 * widest * tokens * FLOAT + LOSS_BUFFER_ELEMENTS.get(device, 1 << 26) * FLOAT)
+    return int(4 * widest * tokens * FLOAT + min(LOSS_BUFFER_ELEMENTS.get(device, 1 << 26), tokens * c.vocab_size) * FLOAT)
