@@ -13,8 +13,9 @@ the second step runs with everything in place.
 
 Measured: every CPU allocation and free from before the models are built to the end of the second
 step (torch.profiler's allocator events, profile_memory=True); the peak of their running sum (a
-training step's: nothing else allocates as much). Predicted: the plan's training-phase total for the same config (cluster.device=cpu,
-one GPU of unbounded memory, no reserve). Writes benchmarks/results/plan_vs_measured.json.
+training step's: nothing else allocates as much). Predicted: the plan's training-phase total for the
+same config (cluster.device=cpu, one GPU of unbounded memory, no reserve).
+Writes benchmarks/results/plan_vs_measured.json.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def measured_peak(mode: str, args) -> int:
     mask = torch.ones(s, r)
 
     def batch():
-        b = RolloutBatch(prompts, response_ids, mask, engine_logp=torch.zeros(s, r), rewards=torch.rand(s, generator=gen))
+        b = RolloutBatch(prompts, response_ids, mask, engine_logp=torch.zeros(s, r),
+                         rewards=torch.rand(s, generator=gen))
         b.advantages = torch.randn(s, generator=gen)
         b.ref_logp = torch.zeros(s, r) - 1.0
         return b

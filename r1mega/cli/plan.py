@@ -47,8 +47,9 @@ def run(config: PlanConfig) -> int:
             phase = max(slow.times, key=lambda t: t.seconds)
             print(f"| {i} | {layout_name(p.workload)} | {peak / (1 << 30):.1f} | {p.step_seconds:,.0f} | "
                   f"{phase.phase} |")
-        if not fitting:
-            print(f"none fits; the closest: {ranked[0].verdict() if ranked else 'no candidate layout'}")
+        if not fitting and ranked:
+            closest = min(ranked, key=lambda p: max(r.table.total(ph) for r in p.ranks for ph in PHASES))
+            print(f"none fits; the closest ({layout_name(closest.workload)}): {closest.verdict()}")
     return 0 if plan.fits else 1
 
 

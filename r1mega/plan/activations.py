@@ -157,4 +157,5 @@ def inference_activations(c: ModelConfig, tokens: int, *, tp: int = 1, device: s
     intermediates live at once (four of the widest per-token tensors), plus the loss-op buffers."""
     widest = max(c.hidden_size, c.intermediate_size // tp, c.num_experts_per_tok * c.moe_intermediate_size,
                  c.num_attention_heads // tp * max(c.qk_head_dim, c.v_head_dim or 0))
-    return int(4 * widest * tokens * FLOAT + min(LOSS_BUFFER_ELEMENTS.get(device, 1 << 26), tokens * c.vocab_size) * FLOAT)
+    buffer = min(LOSS_BUFFER_ELEMENTS.get(device, 1 << 26), tokens * c.vocab_size)
+    return int((4 * widest * tokens + buffer) * FLOAT)

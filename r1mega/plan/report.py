@@ -123,7 +123,8 @@ def markdown(plan: Plan) -> str:
             lines.append(f"| {term} | " + " | ".join(_gib(row[p]) if row[p] else "" for p in memory.PHASES) + " |")
         lines.append("| **total** | " + " | ".join(f"**{_gib(r.table.total(p))}**" for p in memory.PHASES) + " |")
         lines += ["", f"### {r.table.rank_type}: time per rollout", "",
-                  "| phase | TFLOP | compute s | sent GB | comm s | total s | note |", "|---|---:|---:|---:|---:|---:|---|"]
+                  "| phase | TFLOP | compute s | sent GB | comm s | total s | note |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for t in r.times:
             lines.append(f"| {t.phase} | {t.flops / 1e12:,.0f} | {t.compute_s:,.1f} | {t.comm_bytes / 1e9:,.1f} | "
                          f"{t.comm_s:,.1f} | {t.seconds:,.1f} | {t.note} |")

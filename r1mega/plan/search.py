@@ -40,7 +40,8 @@ def layouts(w: Workload, cluster: ClusterConfig) -> list[ParallelDims]:
             dp_shard = world // (rep * tp)
             eps = [1]
             if w.model.n_routed_experts:
-                eps += [tp * m for m in _divisors(dp_shard) if (tp * m) > 1 and w.model.n_routed_experts % (tp * m) == 0]
+                eps += [tp * m for m in _divisors(dp_shard)
+                        if tp * m > 1 and w.model.n_routed_experts % (tp * m) == 0]
             for ep in sorted(set(eps)):
                 out.append(ParallelDims(world, dp_replicate=rep, dp_shard=dp_shard, tp=tp, ep=ep))
     return out

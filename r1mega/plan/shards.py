@@ -217,4 +217,5 @@ def param_counts(config: ModelConfig) -> ParamCounts:
         n = sum(p.numel() for p in experts.parameters())
         routed += n
         inactive += n * (config.n_routed_experts - config.num_experts_per_tok) // config.n_routed_experts
-    return ParamCounts(total=total, active=total - inactive, embedding=model.embed.weight.numel(), routed_experts=routed)
+    return ParamCounts(total=total, active=total - inactive, embedding=model.embed.weight.numel(),
+                       routed_experts=routed)

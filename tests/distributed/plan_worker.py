@@ -60,3 +60,26 @@ def measure_layout(rank: int, world: int, dims_kw: dict, out_dir: str) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     with open(f"{out_dir}/rank{rank}.json", "w") as f:
         json.dump(measured_bytes(model, optimizer), f)
+
+
+def measure_pipeline(rank: int, world: int, dims_kw: dict, out_dir: str) -> None:
+    """The same, with the model cut into pipeline stages by pipeline_parallelize (1F1B) and one schedule
+    step of forward and backward."""
+    from r1mega.parallel import pipeline_parallelize
+
+    torch.manual_seed(0)
+    config = tiny_deepseek_v3()
+    dims = ParallelDims(world, **dims_kw)
+    dims.build_mesh("cpu")
+    pipe = pipeline_parallelize(Transformer(config), dims, SimpleNamespace(activation_checkpointing="none"))
+    optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
+    ids = torch.randint(config.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
+    pipe.step(ids[:, :-1], ids[:, 1:])
+    optimizer.step()
+
+    class Stages(torch.nn.Module):  # measured_bytes reads .parameters()
+        def parameters(self):
+            return iter(pipe.parameters())
+
+    with open(f"{out_dir}/rank{dist.get_rank()}.json", "w") as f:
+        json.dump(measured_bytes(Stages(), optimizer), f)

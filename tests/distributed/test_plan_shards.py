@@ -51,3 +51,11 @@ def test_uneven_fsdp_over_three_ranks(tmp_path):
     run_world(measure_layout, 3, {"dp_shard": 3}, str(tmp_path))
     for rank in range(3):
         _check(json.loads((tmp_path / f"rank{rank}.json").read_text()), rank, 3, {"dp_shard": 3})
+
+
+def test_pipeline_two_stages(tmp_path):
+    from plan_worker import measure_pipeline
+
+    run_world(measure_pipeline, 2, {"pp": 2}, str(tmp_path))
+    for rank in range(2):
+        _check(json.loads((tmp_path / f"rank{rank}.json").read_text()), rank, 2, {"pp": 2})
