@@ -35,8 +35,10 @@ keeps them for the backward, with a chunked logits buffer of 2^25 elements (CPU)
 
 Deliberately left out: the masked short-suffix path of shared-prefix attention (SDPA's math kernel
 keeps [n, heads, C, P + C] scores; bounded by shared_prefix.MASK_ELEMENTS per block, and only taken
-when a group's responses are short), expert load imbalance beyond a factor (`imbalance`), and
-allocator fragmentation.
+when a group's responses are short), expert load imbalance beyond a factor (`imbalance`), the
+stacked expert weights' gradient buffers in an MoE layer's backward (about one or two [E, i, H]
+tensors: at 512 tokens of the tiny model they doubled that layer's backward transient; from 2048
+tokens on they stay under the activation gradients' peak), and allocator fragmentation.
 """
 
 from __future__ import annotations
