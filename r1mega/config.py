@@ -34,9 +34,14 @@ class ModelConfig:
     base_steps: int = 600
     base_batch_size: int = 32
     base_lr: float = 3e-3
-    # Share of pretraining demonstrations with a deliberately wrong answer: what RL has to fix.
-    base_wrong_rate: float = 0.3
-    base_bad_format_rate: float = 0.2
+    # How the pretraining demonstrations are written (r1mega/data/tasks/strategies.py, `chain` only):
+    # strategy -> share, and the chance that a worked operation slips. Other tasks have the one strategy
+    # "steps", whose final answer is then wrong with probability base_slip_rate.
+    base_strategies: dict[str, float] = field(default_factory=lambda: {"steps": 1.0})
+    base_slip_rate: float = 0.0
+    base_bad_format_rate: float = 0.0  # share of demonstrations with broken tags
+    # Difficulties of the pretraining questions; empty: data.difficulty alone.
+    base_difficulties: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +53,9 @@ class DataConfig:
     answer_key: str = "answer"
     template: str = "r1_zero"
     difficulty: int = 1
+    # A second held-out split of a synthetic task at this difficulty (metrics eval_hard/*), e.g. chains
+    # longer than any training question: what RL taught that generalises rather than what it memorised.
+    hard_difficulty: Optional[int] = None
     train_size: int = 20000
     test_size: int = 256
     tokenizer: Optional[str] = None  # a local tokenizer directory; None builds the default
@@ -158,10 +166,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     eval_every: int = 50
-    # Held-out evaluation as the paper reports pass@1: the mean correctness of k samples at T=0.6, top-p 0.95.
+    # Held-out evaluation as the paper reports pass@1: the mean correctness of k samples at T=0.6, top-p 0.95
+    # (eval/accuracy), and of one greedy response (eval/greedy_accuracy) when eval_greedy.
     eval_samples: int = 4
     eval_temperature: float = 0.6
     eval_top_p: float = 0.95
+    eval_greedy: bool = True
+    eval_max_new_tokens: Optional[int] = None  # None: the rollouts' (rollout.max_new_tokens at the step)
     device: str = "auto"
     cpu_threads: int = 0  # torch's intra-op threads on CPU; 0 keeps torch's default
     # CPU kernels pinned to one instruction set (r1mega/trainers/cpu_kernels.py): the same numbers on every

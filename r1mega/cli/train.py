@@ -23,14 +23,16 @@ register_configs()
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
 def main(cfg) -> None:
     config: Config = OmegaConf.to_object(cfg)
+    from r1mega.trainers.evaluate import held_out_report
     from r1mega.trainers.grpo import train
 
     final = train(config)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
-    if "eval/accuracy_initial" in final or "eval/accuracy" in final:
-        print(f"held-out accuracy: base {final.get('eval/accuracy_initial', float('nan')):.3f} -> "
-              f"after GRPO {final.get('eval/accuracy', float('nan')):.3f}")
+    initial = {k.removesuffix("_initial"): v for k, v in final.items() if k.endswith("_initial")}
+    lines = held_out_report(final, initial or None)
+    if lines:
+        print("\n".join(["base -> after GRPO:" if initial else "after GRPO:", *lines]))
     print(f"metrics and plots in {config.train.out_dir}")
 
 

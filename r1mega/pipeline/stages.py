@@ -8,7 +8,8 @@ checkpoints when a previous attempt was interrupted; stage 4 brings in general p
 reward model) for its last steps only (schedule.py). SFT stages run `fine_tune`.
 
 Deliberately left out: the paper's cold-start data collection (few-shot prompting, R1-Zero outputs
-refined by annotators): the embedded default uses correct, well-formed synthetic demonstrations, and
+refined by annotators): the embedded default uses correct, well-formed synthetic demonstrations (for
+the chain task its long, self-checking form), and
 `pipeline.cold_start.path` takes a file; a pretrained distillation student (a fresh tiny Qwen2 unless
 `pipeline.distill.student_path` names one).
 """
@@ -107,7 +108,9 @@ def cold_start(cfg: PipelineConfig, base_dir: Path, out: Path) -> dict[str, floa
         rng = random.Random(f"cold_start/{cfg.train.seed}")
         tasks = make_task_dataset(cfg.data.task, split="train", size=stage.size, difficulty=cfg.data.difficulty,
                                   seed=cfg.train.seed + 1)
-        rows = [{"prompt": t["prompt"], "response": demonstration(t, rng)} for t in tasks]
+        # The chain task's longest readable form, each step checked (strategies.py), with no slip.
+        strategy = "check" if cfg.data.task == "chain" else None
+        rows = [{"prompt": t["prompt"], "response": demonstration(t, rng, strategy=strategy)} for t in tasks]
     model, tokenizer = load_model(base_dir)
     return _sft(cfg, stage, model, tokenizer, rows, out)
 

@@ -1,11 +1,13 @@
 """The embedded default's base model: the tiny preset pretrained on synthetic demonstrations.
 
-R1-Zero starts from a base model that can already solve some questions; RL sharpens what sampling
+R1-Zero starts from a base model that can already solve some questions; RL reinforces what sampling
 sometimes gets right. A random tiny model solves none, so this pretrains one briefly on worked
-solutions in the R1-Zero format, a share of them with a wrong final answer (`base_wrong_rate`) or
-broken tags (`base_bad_format_rate`): the resulting base model is right only part of the time, and
-GRPO has something to improve. The result is cached under the tokenizer's cache directory, keyed by
-every setting that shapes it, so later runs start at once.
+solutions in the R1-Zero format, written in a mixture of strategies (`base_strategies`: answering at
+once, working step by step, working and checking each step; strategies.py) whose worked steps slip
+now and then (`base_slip_rate`), a share with broken tags (`base_bad_format_rate`). Which strategy a
+response follows is the model's own choice at its first tokens, and only the answer and the format
+are rewarded: what GRPO does to the mixture is the run's result. The model is cached under the
+tokenizer's cache directory, keyed by every setting that shapes it, so later runs start at once.
 """
 
 from __future__ import annotations
@@ -19,23 +21,36 @@ import torch
 
 from r1mega.config import DataConfig, ModelConfig
 from r1mega.data.tasks import demonstration, make_task_dataset
+from r1mega.data.tasks.strategies import sample_strategy
 from r1mega.data.templates import get_template
 from r1mega.data.tokenizer import Tokenizer, cache_dir
 from r1mega.models import Transformer, preset
 from r1mega.models.checkpoint import is_native, load_native, save_native
 from r1mega.trainers.sft import train_sft
 
-RECIPE_VERSION = 2  # 2: the SFT schedule is the trainer's (cosine after the warm-up)
+RECIPE_VERSION = 3  # 2: the SFT schedule is the trainer's (cosine after the warm-up); 3: strategies
 
 
 def _examples(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int):
-    rows = make_task_dataset(data.task, split="train", size=max(data.train_size, 4096), difficulty=data.difficulty,
-                             seed=seed)
+    levels = model_cfg.base_difficulties or [data.difficulty]
+    size = max(data.train_size, 4096) // len(levels)
+    rows = [row for level in levels
+            for row in make_task_dataset(data.task, split="train", size=size, difficulty=level, seed=seed)]
     template, rng = get_template(data.template), random.Random(seed)
     return [(tokenizer.encode(template(row["prompt"])),
-             tokenizer.encode(" " + demonstration(row, rng, model_cfg.base_wrong_rate, model_cfg.base_bad_format_rate))
-             + [tokenizer.eos_token_id])
+             tokenizer.encode(" " + _demonstration(model_cfg, row, rng)) + [tokenizer.eos_token_id])
             for row in rows]
+
+
+def _demonstration(model_cfg: ModelConfig, row, rng: random.Random) -> str:
+    if row["task"] != "chain":
+        if set(model_cfg.base_strategies) != {"steps"}:
+            raise ValueError(f"model.base_strategies={model_cfg.base_strategies}: task {row['task']!r} is written "
+                             "one way only, {steps: 1.0}; the strategies are the chain task's")
+        return demonstration(row, rng, wrong_rate=model_cfg.base_slip_rate,
+                             bad_format_rate=model_cfg.base_bad_format_rate)
+    return demonstration(row, rng, bad_format_rate=model_cfg.base_bad_format_rate,
+                         strategy=sample_strategy(model_cfg.base_strategies, rng), slip_rate=model_cfg.base_slip_rate)
 
 
 def pretrained_base(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int) -> Transformer:

@@ -33,20 +33,27 @@ def build_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
     return build_default_tokenizer()
 
 
-def build_prompt_sets(data: DataConfig, seed: int) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
-    """(train rows, held-out rows), each row holding at least "prompt" (rendered) and "answer"."""
+def build_prompt_sets(data: DataConfig, seed: int) -> tuple[list[Mapping[str, Any]], dict[str, list[Mapping[str, Any]]]]:
+    """(train rows, held-out rows by metric prefix: "eval", and "eval_hard" when data.hard_difficulty is
+    set), each row holding at least "prompt" (rendered) and "answer"."""
     if data.task == "file":
         if not data.path:
             raise ValueError("data.task=file needs data.path")
+        if data.hard_difficulty is not None:
+            raise ValueError("data.hard_difficulty is a synthetic task's: data.task=file has no difficulty")
         rows = load_prompt_dataset(data.path, prompt_key=data.prompt_key, answer_key=data.answer_key)
         held_out = max(1, min(data.test_size, len(rows) // 10))
-        train, test = rows[held_out:], rows[:held_out]
+        train, tests = rows[held_out:], {"eval": rows[:held_out]}
     else:
         train = make_task_dataset(data.task, split="train", size=data.train_size, difficulty=data.difficulty, seed=seed)
-        test = make_task_dataset(data.task, split="test", size=data.test_size, difficulty=data.difficulty, seed=seed)
+        levels = {"eval": data.difficulty}
+        if data.hard_difficulty is not None:
+            levels["eval_hard"] = data.hard_difficulty
+        tests = {prefix: make_task_dataset(data.task, split="test", size=data.test_size, difficulty=level, seed=seed)
+                 for prefix, level in levels.items()}
     template = get_template(data.template)
     render = lambda row: {**row, "question": row["prompt"], "prompt": template(row["prompt"])}  # noqa: E731
-    return [render(r) for r in train], [render(r) for r in test]
+    return [render(r) for r in train], {prefix: [render(r) for r in rows] for prefix, rows in tests.items()}
 
 
 def build_policy(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int):
@@ -91,8 +98,9 @@ def build_engine(rollout: RolloutConfig, policy, tokenizer: Tokenizer, max_len: 
 def longest_sequence(cfg: Config, tokenizer: Tokenizer, model_config,
                      row_sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
     """The engine's max_len: the longest prompt of every row that can reach it (`row_sets`: set name ->
-    rows, the training and the held-out ones) + the schedule's longest max_new_tokens. A prompt that
+    rows, the training and the held-out ones) + the longest max_new_tokens of the rollouts' schedule and
+    of the evaluation (train.eval_max_new_tokens). A prompt that
     would run past the model's max_position_embeddings is refused here, its row named."""
     prompts = {name: [tokenizer.encode(r["prompt"]) for r in rows] for name, rows in row_sets.items()}
-    longest_response = max(value for _, value in cfg.rollout.max_new_tokens)
+    longest_response = max([value for _, value in cfg.rollout.max_new_tokens] + [cfg.train.eval_max_new_tokens or 0])
     return max_len_for(prompts, longest_response, model_config.max_position_embeddings, key="rollout.max_new_tokens")

@@ -47,12 +47,36 @@ def generate_and_score(engine, tokenizer, rows: Sequence[Mapping[str, Any]], sco
     return samples, scorer.score([s.text for s in samples], [r for r in rows for _ in range(sampling.n)])
 
 
-def eval_metrics(samples, scores) -> dict[str, float]:
-    """Held-out accuracy, reward and response length of `generate_and_score`'s samples (gathered from
-    every data-parallel rank when they were generated in shares)."""
+def eval_metrics(samples, scores, prefix: str = "eval/") -> dict[str, float]:
+    """Held-out accuracy, reward, response length and reflective words of `generate_and_score`'s samples
+    (gathered from every data-parallel rank when they were generated in shares), keys under `prefix`."""
     accuracy = accuracy_of(scores.components) or [0.0] * len(samples)
     return {
-        "eval/accuracy": sum(accuracy) / len(accuracy),
-        "eval/reward": float(torch.as_tensor(scores.rewards, dtype=torch.float32).mean()),
-        "eval/response_length": sum(len(s.token_ids) for s in samples) / len(samples),
+        f"{prefix}accuracy": sum(accuracy) / len(accuracy),
+        f"{prefix}reward": float(torch.as_tensor(scores.rewards, dtype=torch.float32).mean()),
+        f"{prefix}response_length": sum(len(s.token_ids) for s in samples) / len(samples),
+        f"{prefix}reflective_words": sum(reflective_word_count(s.text) for s in samples) / len(samples),
     }
+
+
+_SPLITS = {"eval": "held-out", "eval_hard": "held-out, harder"}
+_SHOWN = (("accuracy", "pass@1", "{:.3f}"), ("greedy_accuracy", "greedy", "{:.3f}"),
+          ("response_length", "length", "{:.1f}"), ("reflective_words", "reflective words", "{:.2f}"))
+
+
+def held_out_report(metrics: Mapping[str, float], before: Mapping[str, float] | None = None) -> list[str]:
+    """One line per held-out split of `evaluate`'s metrics, each value as `before -> after` when the
+    metrics before RL are given: "held-out: pass@1 0.125 -> 0.891, greedy ..."."""
+    lines = []
+    for split, title in _SPLITS.items():
+        shown = []
+        for key, name, form in _SHOWN:
+            value = metrics.get(f"{split}/{key}")
+            if value is None:
+                continue
+            start = None if before is None else before.get(f"{split}/{key}")
+            shown.append(f"{name} {form.format(value)}" if start is None
+                         else f"{name} {form.format(start)} -> {form.format(value)}")
+        if shown:
+            lines.append(f"{title}: " + ", ".join(shown))
+    return lines

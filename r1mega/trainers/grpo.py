@@ -39,7 +39,7 @@ from r1mega.trainers.components import (
 )
 from r1mega.trainers.cpu_kernels import pin_cpu_kernels
 from r1mega.trainers.data_parallel import DataParallel
-from r1mega.trainers.evaluate import eval_metrics, generate_and_score, rollout_metrics
+from r1mega.trainers.evaluate import eval_metrics, generate_and_score, held_out_report, rollout_metrics
 from r1mega.trainers.metrics import MetricsLogger
 from r1mega.trainers.plots import plot_metrics
 from r1mega.trainers.policy_model import (
@@ -70,14 +70,14 @@ class GRPOTrainer:
         self.dp, self.device = DataParallel.launch(cfg, pick_device(cfg.train.device))
         with self.dp.main_first():  # rank 0 fills the caches (tokenizer, base model), the others read them
             self.tokenizer = build_tokenizer(cfg.data, cfg.model)
-            train_rows, self.test_rows = build_prompt_sets(cfg.data, cfg.train.seed)
+            train_rows, self.held_out = build_prompt_sets(cfg.data, cfg.train.seed)
             policy = build_policy(cfg.model, self.tokenizer, cfg.data, cfg.train.seed).to(self.device)
         self.prompts = prompts if prompts is not None else PromptStream(train_rows, cfg.train.seed)
         self.reference = self.dp.parallelize(copy.deepcopy(policy).requires_grad_(False).eval())
         # The engine copies the full weights before the policy is sharded.
         self.engine = build_engine(cfg.rollout, policy, self.tokenizer,
                                    longest_sequence(cfg, self.tokenizer, policy.config,
-                                                    {"training": self.prompts.rows, "held-out": self.test_rows}),
+                                                    {"training": self.prompts.rows, **self.held_out}),
                                    self.device)
         self.policy = trainable(cfg.model, policy, self.dp)
         allow_isolation(cfg.reward.sandbox.allow)  # before the pool starts: its workers inherit it
@@ -174,11 +174,21 @@ class GRPOTrainer:
             raise FloatingPointError(f"{self.nan_streak} steps in a row had a NaN/inf loss or gradient; stopping")
 
     def evaluate(self) -> dict[str, float]:
-        train = self.cfg.train
-        sampling = dataclasses.replace(self.sampling(), n=train.eval_samples, temperature=train.eval_temperature,
-                                       top_p=train.eval_top_p, top_k=0, seed=train.seed)
-        rollouts = generate_and_score(self.engine, self.tokenizer, self.dp.local(self.test_rows), self.scorer, sampling)
-        return eval_metrics(*self.dp.gather(*rollouts))
+        """Every held-out split by the paper's protocol: pass@1 over `eval_samples` samples at the eval
+        temperature and top-p (`eval/accuracy`), and one greedy response (`eval/greedy_accuracy`)."""
+        train, out = self.cfg.train, {}
+        sampled = dataclasses.replace(self.sampling(), n=train.eval_samples, temperature=train.eval_temperature,
+                                      top_p=train.eval_top_p, top_k=0, seed=train.seed)
+        if train.eval_max_new_tokens is not None:
+            sampled.max_new_tokens = train.eval_max_new_tokens
+        protocols = {"": sampled}
+        if train.eval_greedy:
+            protocols["greedy_"] = dataclasses.replace(sampled, n=1, temperature=0.0, top_p=1.0)
+        for split, rows in self.held_out.items():
+            for name, sampling in protocols.items():
+                rollouts = generate_and_score(self.engine, self.tokenizer, self.dp.local(rows), self.scorer, sampling)
+                out.update(eval_metrics(*self.dp.gather(*rollouts), prefix=f"{split}/{name}"))
+        return out
 
     def fit(self) -> dict[str, float]:
         """Trains to `train.steps`; returns the last step's metrics (with the held-out evaluation before
@@ -186,7 +196,7 @@ class GRPOTrainer:
         cfg = self.cfg.train
         first = self.evaluate() if self.step == 0 else None
         if first is not None and self.dp.is_main:
-            print(f"held-out accuracy before RL: {first['eval/accuracy']:.3f}")
+            print("\n".join(["before RL:", *held_out_report(first)]))
         progress = _progress(self.step, cfg.steps, enabled=cfg.progress and self.dp.is_main)
         while self.step < cfg.steps:
             before = self.step

@@ -74,7 +74,7 @@ def test_chain_ground_truth_and_held_out_steps_are_seen_in_training(difficulty):
     test = make_task_dataset("chain", "test", 200, difficulty, seed=0)
     for s in train + test:
         assert int(s["answer"]) == eval(s["expression"])  # left to right, + and - only
-        assert re.fullmatch(r"Compute \d( [+-] \d){%d}" % difficulty, s["prompt"])
+        assert re.fullmatch(r"Compute \d([+-]\d){%d}" % difficulty, s["prompt"])
 
     def facts(sample):  # "running total op digit" of each step
         numbers, ops = re.findall(r"\d", sample["expression"]), re.findall(r"[+-]", sample["expression"])

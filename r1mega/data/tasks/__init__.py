@@ -18,7 +18,7 @@ import random
 from types import ModuleType
 from typing import Any
 
-from r1mega.data.tasks import arithmetic, chain, countdown
+from r1mega.data.tasks import arithmetic, chain, countdown, strategies
 
 TASKS: dict[str, ModuleType] = {"arithmetic": arithmetic, "chain": chain, "countdown": countdown}
 HELD_OUT_EVERY = 10
@@ -66,15 +66,21 @@ def make_task_dataset(name: str, split: str = "train", size: int = 1000, difficu
 
 
 def demonstration(sample: dict[str, Any], rng: random.Random, wrong_rate: float = 0.0,
-                  bad_format_rate: float = 0.0) -> str:
+                  bad_format_rate: float = 0.0, strategy: str | None = None, slip_rate: float = 0.0) -> str:
     """A worked response in the R1-Zero format, `<think> ... </think><answer> ... </answer>`, the text
     that follows the template's "Assistant:" (append the EOS token yourself).
 
-    With probability `wrong_rate` the final answer is wrong (and the reasoning leads to it); with
-    probability `bad_format_rate` the tags are broken (missing answer tags or missing </think>).
+    `strategy` (the `chain` task only): the working written by strategies.py, each operation slipping
+    with probability `slip_rate`. Otherwise the task's own worked solution, whose final answer is wrong
+    (and the reasoning leads to it) with probability `wrong_rate`. With probability `bad_format_rate` the
+    tags are broken (missing answer tags or missing </think>).
     """
-    wrong = rng.random() < wrong_rate
-    lines, answer = _task(sample["task"]).worked(sample, rng, wrong)
+    if strategy is not None:
+        if sample["task"] != "chain":
+            raise ValueError(f"strategy={strategy!r} is for the chain task, not {sample['task']!r}")
+        lines, answer = strategies.write(sample, strategy, rng, slip_rate)
+    else:
+        lines, answer = _task(sample["task"]).worked(sample, rng, rng.random() < wrong_rate)
     thought = " ".join(lines)
     if rng.random() < bad_format_rate:
         if rng.random() < 0.5:

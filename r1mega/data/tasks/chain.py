@@ -1,9 +1,11 @@
-"""The `chain` task: a left-to-right chain of one-digit additions and subtractions, "Compute 3 + 4 - 2".
+"""The `chain` task: a left-to-right chain of one-digit additions and subtractions, "Compute 3+4-2".
 
-Difficulty d gives d + 1 operands. Every held-out question is a new chain, but its steps are
-one-digit facts (a running total plus or minus a digit) that training questions also use, so a model
-that reasons step by step can answer questions it never saw: the embedded default's task, where
-GRPO's gains on training questions show up on held-out ones.
+Difficulty d gives d + 1 operands, drawn so that every running total stays a digit (0 to 9): each step
+is one of the 110 one-digit facts a tiny model learns at once, while the whole chain, done "in the
+head" in one forward pass, is beyond it. Every held-out question is a new chain of facts that training
+questions also use, so a model that works step by step can answer questions it never saw, and longer
+chains than it trained on: the embedded default's task (strategies.py: how its answers are written).
+The text has no spaces, so that every digit and operator is one token.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from r1mega.data.tasks import arithmetic, expr
 
 
 def generate(rng: random.Random, difficulty: int) -> dict[str, Any]:
-    tree = rng.randint(0, 9)
+    total = rng.randint(0, 9)
+    tree: expr.Expr = total
     for _ in range(difficulty):
-        tree = expr.BinOp(rng.choice("+-"), tree, rng.randint(0, 9))
-    text = expr.to_text(tree)
-    return {"prompt": f"Compute {text}", "answer": expr.number_text(expr.evaluate(tree)), "expression": text}
+        op = rng.choice("+-")
+        digit = rng.randint(0, 9 - total) if op == "+" else rng.randint(0, total)
+        tree, total = expr.BinOp(op, tree, digit), total + digit if op == "+" else total - digit
+    text = expr.to_text(tree).replace(" ", "")
+    return {"prompt": f"Compute {text}", "answer": str(total), "expression": text}
 
 
 worked = arithmetic.worked

@@ -1,0 +1,73 @@
+"""The ways a worked solution of a `chain` question is written: the mixture the tiny base model
+pretrains on, and what GRPO chooses among.
+
+- "direct": the answer at once, with no working. Right only when the model can add up the whole chain
+  "in its head", which a tiny model cannot for long chains.
+- "steps": one operation per sentence, then what is left of the chain ("3+4=7, so 7-2+5. 7-2=5, so 5+5.
+  5+5=10."): each step reads its operands from the sentence before, not from a position in the question.
+- "check": each operation followed by its check by the inverse operation ("3+4=7, check: 7-4=3 vs 3,
+  right, so ..."). The longest, and the only one that catches a slip: a slipped step's check does not
+  give back the operand, and the step is redone ("3+4=8, check: 8-4=4 vs 3, wrong. Wait, redo: 3+4=7,
+  check: 7-4=3 vs 3, right, so ...").
+
+A writer slips with probability `slip_rate` at each operation (in "steps" and "check": a value off by
+1 or 2, which the rest of a "steps" solution carries on from), as people do: what the base model learns
+from these texts is to slip at that rate too, and only checking recovers. Nothing here is scored: the
+rewards see the final answer and the tags only.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from r1mega.data.tasks import expr
+
+STRATEGIES = ("direct", "steps", "check")
+_INVERSE = {"+": "-", "-": "+"}
+
+
+def _slipped(value: int, rng: random.Random) -> int:
+    return value + rng.choice([-2, -1, 1, 2])
+
+
+def _checked(a: int, op: str, b: int, value: int) -> str:
+    """`a op b = value, check: value inv b = back vs a, right|wrong`: the verdict follows the number it
+    compares with, so that the comparison is between neighbours."""
+    back = value - b if op == "+" else value + b
+    return f"{a}{op}{b}={value}, check: {value}{_INVERSE[op]}{b}={back} vs {a}, {'right' if back == a else 'wrong'}"
+
+
+def write(sample: dict[str, Any], strategy: str, rng: random.Random, slip_rate: float) -> tuple[list[str], str]:
+    """(sentences of the thought, final answer) of a chain sample (`sample["expression"]`, + and - only)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: expected one of {list(STRATEGIES)}")
+    if strategy == "direct":
+        return ["I can see it at once."], sample["answer"]
+    steps = expr.steps(expr.parse(sample["expression"]))
+    total, lines = int(steps[0][0]), []
+    rest = list(sample["expression"])[3:]  # the operators and digits after the first operation
+    for _, op, b, _ in steps:  # a chain is left-nested: each step's left operand is the running total
+        a, b = total, int(b)
+        right = a + b if op == "+" else a - b
+        value = _slipped(right, rng) if rng.random() < slip_rate else right
+        if strategy == "check":
+            work = _checked(a, op, b, value)
+            if value != right:
+                work += ". Wait, redo: " + _checked(a, op, b, right)
+                value = right
+        else:
+            work = f"{a}{op}{b}={value}"
+        lines.append(f"{work}, so {''.join([str(value), *rest])}." if rest else f"{work}.")
+        total, rest = value, rest[2:]
+    return lines, str(total)
+
+
+def sample_strategy(mixture: dict[str, float], rng: random.Random) -> str:
+    """A strategy drawn with the mixture's weights (which need not sum to 1)."""
+    unknown = sorted(set(mixture) - set(STRATEGIES))
+    if unknown or not mixture or min(mixture.values()) < 0 or sum(mixture.values()) <= 0:
+        raise ValueError(f"model.base_strategies={mixture}: expected non-negative weights, not all 0, over "
+                         f"{list(STRATEGIES)}" + (f" (unknown: {unknown})" if unknown else ""))
+    names = sorted(mixture)
+    return rng.choices(names, weights=[mixture[n] for n in names])[0]
