@@ -28,10 +28,11 @@ from typing import Any, Iterator, Optional
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
+from r1mega.data.reflection import REFLECTIVE_WORDS
+
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"]
 TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
-REFLECTIVE_WORDS = ["wait", "mistake", "however", "but", "retry", "error", "verify", "wrong", "evaluate", "check"]
 DEFAULT_VOCAB_SIZE = 512
 # EOS names tried, in order, when a directory's tokenizer_config.json does not name one.
 _EOS_CANDIDATES = [EOS, "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>"]
@@ -155,7 +156,7 @@ def _corpus(seed: int = 0) -> Iterator[str]:
         yield render_r1_zero(sample["prompt"]) + " " + demonstration(sample, rng, wrong_rate=0.3, bad_format_rate=0.1)
         if i % 10 == 0:
             yield render_chatml([{"role": "user", "content": sample["prompt"]}], add_generation_prompt=True)
-    words = REFLECTIVE_WORDS + [w.capitalize() for w in REFLECTIVE_WORDS]
+    words = list(REFLECTIVE_WORDS) + [w.capitalize() for w in REFLECTIVE_WORDS]
     for _ in range(300):
         yield " ".join(rng.choice(words) for _ in range(8)) + "."
 

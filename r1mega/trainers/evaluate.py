@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from r1mega.rollout.engine import raise_refused
-from r1mega.trainers.metrics import reflective_word_count
+from r1mega.data.reflection import reflective_word_count
 
 
 def accuracy_of(components: Mapping[str, Sequence[float]]) -> list[float] | None:

@@ -10,18 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 from typing import Any
-
-# The words whose rise the paper reports after step ~8,000 of R1-Zero (R1_SPEC.md, Evaluation).
-REFLECTIVE_WORDS = ("wait", "mistake", "however", "but", "retry", "error", "verify", "wrong", "evaluate", "check")
-_REFLECTIVE = re.compile(r"\b(" + "|".join(REFLECTIVE_WORDS) + r")\b", re.IGNORECASE)
-
-
-def reflective_word_count(text: str) -> int:
-    return len(_REFLECTIVE.findall(text))
-
 
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, *, resume_step: int | None = None, tensorboard: bool = True,

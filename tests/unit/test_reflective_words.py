@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from r1mega.trainers.metrics import REFLECTIVE_WORDS, reflective_word_count
+from r1mega.data.reflection import REFLECTIVE_WORDS, reflective_word_count
 
 PAPER = Path(__file__).resolve().parents[3] / "shared" / "paper" / "r1-nature.txt"
 
