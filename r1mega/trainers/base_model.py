@@ -21,7 +21,7 @@ import torch
 
 from r1mega.config import DataConfig, ModelConfig
 from r1mega.data.tasks import demonstration, make_task_dataset
-from r1mega.data.tasks.strategies import sample_strategy
+from r1mega.data.tasks.strategies import strategy_sampler
 from r1mega.data.templates import get_template
 from r1mega.data.tokenizer import Tokenizer, cache_dir
 from r1mega.models import Transformer, preset
@@ -36,21 +36,22 @@ def _examples(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, se
     size = max(data.train_size, 4096) // len(levels)
     rows = [row for level in levels
             for row in make_task_dataset(data.task, split="train", size=size, difficulty=level, seed=seed)]
-    template, rng = get_template(data.template), random.Random(seed)
+    template, rng, write = get_template(data.template), random.Random(seed), _writer(model_cfg, data.task)
     return [(tokenizer.encode(template(row["prompt"])),
-             tokenizer.encode(" " + _demonstration(model_cfg, row, rng)) + [tokenizer.eos_token_id])
-            for row in rows]
+             tokenizer.encode(" " + write(row, rng)) + [tokenizer.eos_token_id]) for row in rows]
 
 
-def _demonstration(model_cfg: ModelConfig, row, rng: random.Random) -> str:
-    if row["task"] != "chain":
+def _writer(model_cfg: ModelConfig, task: str):
+    """(row, rng) -> demonstration, as the config's strategies and rates say."""
+    if task != "chain":
         if set(model_cfg.base_strategies) != {"steps"}:
-            raise ValueError(f"model.base_strategies={model_cfg.base_strategies}: task {row['task']!r} is written "
+            raise ValueError(f"model.base_strategies={model_cfg.base_strategies}: task {task!r} is written "
                              "one way only, {steps: 1.0}; the strategies are the chain task's")
-        return demonstration(row, rng, wrong_rate=model_cfg.base_slip_rate,
-                             bad_format_rate=model_cfg.base_bad_format_rate)
-    return demonstration(row, rng, bad_format_rate=model_cfg.base_bad_format_rate,
-                         strategy=sample_strategy(model_cfg.base_strategies, rng), slip_rate=model_cfg.base_slip_rate)
+        return lambda row, rng: demonstration(row, rng, wrong_rate=model_cfg.base_slip_rate,
+                                              bad_format_rate=model_cfg.base_bad_format_rate)
+    draw = strategy_sampler(model_cfg.base_strategies)
+    return lambda row, rng: demonstration(row, rng, bad_format_rate=model_cfg.base_bad_format_rate,
+                                          strategy=draw(rng), slip_rate=model_cfg.base_slip_rate)
 
 
 def pretrained_base(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int) -> Transformer:

@@ -33,7 +33,10 @@ def build_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
     return build_default_tokenizer()
 
 
-def build_prompt_sets(data: DataConfig, seed: int) -> tuple[list[Mapping[str, Any]], dict[str, list[Mapping[str, Any]]]]:
+Rows = list[Mapping[str, Any]]
+
+
+def build_prompt_sets(data: DataConfig, seed: int) -> tuple[Rows, dict[str, Rows]]:
     """(train rows, held-out rows by metric prefix: "eval", and "eval_hard" when data.hard_difficulty is
     set), each row holding at least "prompt" (rendered) and "answer"."""
     if data.task == "file":
@@ -102,5 +105,6 @@ def longest_sequence(cfg: Config, tokenizer: Tokenizer, model_config,
     of the evaluation (train.eval_max_new_tokens). A prompt that
     would run past the model's max_position_embeddings is refused here, its row named."""
     prompts = {name: [tokenizer.encode(r["prompt"]) for r in rows] for name, rows in row_sets.items()}
-    longest_response = max([value for _, value in cfg.rollout.max_new_tokens] + [cfg.train.eval_max_new_tokens or 0])
+    scheduled = [value for _, value in cfg.rollout.max_new_tokens]
+    longest_response = max(scheduled + [cfg.train.eval_max_new_tokens or 0])
     return max_len_for(prompts, longest_response, model_config.max_position_embeddings, key="rollout.max_new_tokens")

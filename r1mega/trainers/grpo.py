@@ -177,10 +177,10 @@ class GRPOTrainer:
         """Every held-out split by the paper's protocol: pass@1 over `eval_samples` samples at the eval
         temperature and top-p (`eval/accuracy`), and one greedy response (`eval/greedy_accuracy`)."""
         train, out = self.cfg.train, {}
-        sampled = dataclasses.replace(self.sampling(), n=train.eval_samples, temperature=train.eval_temperature,
-                                      top_p=train.eval_top_p, top_k=0, seed=train.seed)
-        if train.eval_max_new_tokens is not None:
-            sampled.max_new_tokens = train.eval_max_new_tokens
+        rollout = self.sampling()
+        sampled = dataclasses.replace(rollout, n=train.eval_samples, temperature=train.eval_temperature,
+                                      top_p=train.eval_top_p, top_k=0, seed=train.seed,
+                                      max_new_tokens=train.eval_max_new_tokens or rollout.max_new_tokens)
         protocols = {"": sampled}
         if train.eval_greedy:
             protocols["greedy_"] = dataclasses.replace(sampled, n=1, temperature=0.0, top_p=1.0)

@@ -19,9 +19,7 @@ rewards see the final answer and the tags only.
 from __future__ import annotations
 
 import random
-from typing import Any
-
-from r1mega.data.tasks import expr
+from typing import Any, Callable
 
 STRATEGIES = ("direct", "steps", "check")
 _INVERSE = {"+": "-", "-": "+"}
@@ -44,11 +42,10 @@ def write(sample: dict[str, Any], strategy: str, rng: random.Random, slip_rate: 
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {list(STRATEGIES)}")
     if strategy == "direct":
         return ["I can see it at once."], sample["answer"]
-    steps = expr.steps(expr.parse(sample["expression"]))
-    total, lines = int(steps[0][0]), []
-    rest = list(sample["expression"])[3:]  # the operators and digits after the first operation
-    for _, op, b, _ in steps:  # a chain is left-nested: each step's left operand is the running total
-        a, b = total, int(b)
+    text = sample["expression"]  # digits and operators alternate: "7+2-5+5"
+    total, lines = int(text[0]), []
+    for i in range(1, len(text), 2):  # each step's left operand is the running total
+        a, op, b, rest = total, text[i], int(text[i + 1]), text[i + 2:]
         right = a + b if op == "+" else a - b
         value = _slipped(right, rng) if rng.random() < slip_rate else right
         if strategy == "check":
@@ -58,16 +55,18 @@ def write(sample: dict[str, Any], strategy: str, rng: random.Random, slip_rate: 
                 value = right
         else:
             work = f"{a}{op}{b}={value}"
-        lines.append(f"{work}, so {''.join([str(value), *rest])}." if rest else f"{work}.")
-        total, rest = value, rest[2:]
+        lines.append(f"{work}, so {value}{rest}." if rest else f"{work}.")
+        total = value
     return lines, str(total)
 
 
-def sample_strategy(mixture: dict[str, float], rng: random.Random) -> str:
-    """A strategy drawn with the mixture's weights (which need not sum to 1)."""
+def strategy_sampler(mixture: dict[str, float]) -> Callable[[random.Random], str]:
+    """A function drawing a strategy with the mixture's weights (which need not sum to 1); the mixture
+    is checked once, here."""
     unknown = sorted(set(mixture) - set(STRATEGIES))
     if unknown or not mixture or min(mixture.values()) < 0 or sum(mixture.values()) <= 0:
         raise ValueError(f"model.base_strategies={mixture}: expected non-negative weights, not all 0, over "
                          f"{list(STRATEGIES)}" + (f" (unknown: {unknown})" if unknown else ""))
     names = sorted(mixture)
-    return rng.choices(names, weights=[mixture[n] for n in names])[0]
+    weights = [mixture[n] for n in names]
+    return lambda rng: rng.choices(names, weights=weights)[0]
