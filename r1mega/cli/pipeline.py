@@ -1,4 +1,4 @@
-"""`r1mega-pipeline`: the whole DeepSeek-R1 recipe, stages 0-5, each evaluated, ending with a report.
+"""`r1mega-pipeline`: the whole DeepSeek-R1 recipe, stages 0-6, each evaluated, ending with a report.
 
     r1mega-pipeline                                     # embedded tiny default, 2-core CPU, <= 20 minutes
     r1mega-pipeline pipeline.start_stage=3              # rerun from rejection sampling, reuse stages 0-2

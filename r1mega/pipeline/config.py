@@ -19,7 +19,7 @@ from r1mega.config import Config
 from r1mega.eval.run import EvalSettings
 from r1mega.pipeline.rejection import RejectionSettings
 
-STAGES = ("r1_zero", "cold_start", "reasoning_rl", "rejection_sft", "all_scenario_rl", "distill")
+STAGES = ("r1_zero", "cold_start", "reasoning_rl", "rejection_sft", "all_scenario_rl", "distill", "student_rl")
 
 
 @dataclass
@@ -85,10 +85,20 @@ def _tiny_qwen2() -> dict[str, Any]:
 @dataclass
 class DistillStage(SFTStage):
     # The student: a local Hugging Face or native checkpoint (it keeps its own tokenizer), or, when
-    # None, a fresh dense model built from `student` (r1mega.models.ModelConfig fields; the vocabulary
-    # is the pipeline tokenizer's).
+    # None, a dense model built from `student` (r1mega.models.ModelConfig fields; the vocabulary is the
+    # pipeline tokenizer's) that starts as the base model did: pretrained on the same demonstrations
+    # with model.init=base (cached like the base), random with model.init=random.
     student_path: Optional[str] = None
     student: dict[str, Any] = field(default_factory=_tiny_qwen2)
+    # Its data: rejection sampling (pipeline.rejection's settings) from stage 4's model, mixed with
+    # non-reasoning rows as stage 3's.
+
+
+@dataclass
+class StudentRLStage(RLStage):
+    # The paper's comparison: the distillation student trained with GRPO alone (from the same start) for
+    # `steps` optimizer steps; None: as many as the distillation's SFT took.
+    steps: Optional[int] = None
 
 
 @dataclass
@@ -105,7 +115,7 @@ class PipelineSettings:
     # Stages before `start_stage` must have finished (they are loaded, not rerun); stages from it on run
     # again even when finished. With start_stage=0, a finished stage is skipped, an unfinished one resumed.
     start_stage: int = 0
-    stop_stage: int = 5  # the last stage run
+    stop_stage: int = 6  # the last stage run
     r1_zero: RLStage = field(default_factory=lambda: RLStage(steps=10400))
     cold_start: SFTStage = field(default_factory=SFTStage)
     reasoning_rl: RLStage = field(default_factory=lambda: RLStage(reward={
@@ -114,6 +124,7 @@ class PipelineSettings:
     rejection_sft: SFTStage = field(default_factory=SFTStage)
     all_scenario_rl: AllScenarioStage = field(default_factory=AllScenarioStage)
     distill: DistillStage = field(default_factory=DistillStage)
+    student_rl: StudentRLStage = field(default_factory=StudentRLStage)
     eval: PipelineEval = field(default_factory=PipelineEval)
 
 

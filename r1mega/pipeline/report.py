@@ -85,6 +85,21 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _distillation_versus_rl(records: Sequence[dict[str, Any]], datasets: Sequence[str]) -> list[str]:
+    """The paper's comparison on the small student, when stages 5 and 6 both ran."""
+    by_stage = {r["stage"]: r for r in records}
+    if not {"distill", "student_rl"} <= set(by_stage):
+        return []
+    distilled, alone = by_stage["distill"], by_stage["student_rl"]
+    lines = [f"Distillation versus RL alone on the student ({_fmt(distilled['metrics'].get('sft/steps'))} optimizer "
+             "steps each, from the same start):", ""]
+    for ds in datasets:
+        if ds in distilled["eval"] and ds in alone["eval"]:
+            lines.append(f"- {ds}: pass@1 {_fmt(distilled['eval'][ds].get('pass@1'))} distilled, "
+                         f"{_fmt(alone['eval'][ds].get('pass@1'))} with RL alone")
+    return lines + [""]
+
+
 def write_report(root: Path, records: Sequence[dict[str, Any]], cfg) -> Path:
     root = Path(root)
     (root / "report.json").write_text(json.dumps(list(records), indent=2) + "\n")
@@ -100,6 +115,7 @@ def write_report(root: Path, records: Sequence[dict[str, Any]], cfg) -> Path:
     for ds in datasets:
         lines += [f"## {ds}", "", markdown_table({_label(r): r["eval"][ds] for r in records if ds in r["eval"]},
                                                  first_column="stage"), ""]
+    lines += _distillation_versus_rl(records, datasets)
     lines += [f"![evaluation across stages]({eval_png.name})", ""]
     if training_png is not None:
         lines += [f"![GRPO training curves]({training_png.name})", ""]

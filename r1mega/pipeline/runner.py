@@ -1,4 +1,4 @@
-"""The R1 pipeline's driver: base model, stages 0-5 in order, each evaluated, then the report.
+"""The R1 pipeline's driver: base model, stages 0-6 in order, each evaluated, then the report.
 
     base             the base model (stage 0, and the SFT of stages 1 and 3, start from it)
     0 r1_zero        GRPO on the base model, rule rewards
@@ -6,7 +6,8 @@
     2 reasoning_rl   GRPO from 1, rule rewards + language consistency
     3 rejection_sft  rejection sampling from 2 (+ non-reasoning rows) -> data.jsonl; SFT of the base on it
     4 all_scenario   GRPO from 3 on reasoning + general prompts, rule rewards + helpful RM, temperature 0.7
-    5 distill        SFT of a small dense student on 3's data.jsonl
+    5 distill        rejection sampling from 4 (+ non-reasoning rows); SFT of a small dense student on it
+    6 student_rl     the paper's comparison: that student's start trained with GRPO alone, as many steps
 
 Stage i writes `<out_dir>/<i>_<name>/`; `stage.json` there (its summary metrics and its evaluation) is
 written last, atomically, and marks it finished. With `start_stage=0` a finished stage is skipped and
@@ -52,7 +53,8 @@ def _plan(cfg: PipelineConfig, dirs: dict[str, Path]) -> list[tuple[int, str, Ca
         (3, "rejection_sft", lambda: stages.rejection_sft(cfg, d["reasoning_rl"] / "model", d["base"] / "model",
                                                           d["rejection_sft"])),
         (4, "all_scenario_rl", lambda: stages.all_scenario(cfg, d["rejection_sft"] / "model", d["all_scenario_rl"])),
-        (5, "distill", lambda: stages.distill(cfg, d["rejection_sft"] / "data.jsonl", d["distill"])),
+        (5, "distill", lambda: stages.distill(cfg, d["all_scenario_rl"] / "model", d["distill"])),
+        (6, "student_rl", lambda: stages.student_rl(cfg, read_finished(d["distill"]), d["student_rl"])),
     ]
 
 

@@ -10,8 +10,7 @@ reward model) for its last steps only (schedule.py). SFT stages run `fine_tune`.
 Deliberately left out: the paper's cold-start data collection (few-shot prompting, R1-Zero outputs
 refined by annotators): the embedded default uses correct, well-formed synthetic demonstrations (for
 the chain task its long, self-checking form), and
-`pipeline.cold_start.path` takes a file; a pretrained distillation student (a fresh tiny Qwen2 unless
-`pipeline.distill.student_path` names one).
+`pipeline.cold_start.path` takes a file.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ import copy
 import dataclasses
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,9 +115,9 @@ def cold_start(cfg: PipelineConfig, base_dir: Path, out: Path) -> dict[str, floa
     return _sft(cfg, stage, model, tokenizer, rows, out)
 
 
-def rejection_sft(cfg: PipelineConfig, source: Path, base_dir: Path, out: Path) -> dict[str, float]:
-    """Rejection sampling from `source` (stage 2), mixed with non-reasoning rows, into out/data.jsonl;
-    then SFT of the *base* model on it."""
+def _rejection_data(cfg: PipelineConfig, source: Path, out: Path) -> tuple[Path, dict[str, float]]:
+    """Rejection sampling from `source` on the training prompts, mixed with non-reasoning rows, written to
+    out/data.jsonl; (its path, the sampling statistics)."""
     from r1mega.data.datasets import load_sft_dataset
     from r1mega.pipeline.rejection import mix, rejection_sample, write_jsonl
     from r1mega.rewards import ScoringPool
@@ -136,13 +136,20 @@ def rejection_sft(cfg: PipelineConfig, source: Path, base_dir: Path, out: Path) 
         kept, stats = rejection_sample(engine, tokenizer, rows, scorer, stage.sampling, source=str(source))
     if not kept:
         raise RuntimeError(f"rejection sampling from {source} kept no sample of {stats['rejection/samples']:.0f}: "
-                           "nothing to fine-tune on (more prompts, more samples or a better stage-2 model)")
+                           "nothing to fine-tune on (more prompts, more samples or a better model to sample from)")
     general = load_sft_dataset(stage.non_reasoning_path) if stage.non_reasoning_path else [
         {"prompt": r["prompt"], "response": r["response"], "source": "synthetic_general"}
         for r in general_rows(len(kept), cfg.train.seed)]
-    data = write_jsonl(mix(kept, general, stage.non_reasoning_share, cfg.train.seed), out / "data.jsonl")
-    del engine, model
-    base_model, _ = load_model(base_dir)
+    return write_jsonl(mix(kept, general, stage.non_reasoning_share, cfg.train.seed), out / "data.jsonl"), stats
+
+
+def rejection_sft(cfg: PipelineConfig, source: Path, base_dir: Path, out: Path) -> dict[str, float]:
+    """Rejection sampling from `source` (stage 2), mixed with non-reasoning rows, into out/data.jsonl;
+    then SFT of the *base* model on it."""
+    from r1mega.data.datasets import load_sft_dataset
+
+    data, stats = _rejection_data(cfg, source, out)
+    base_model, tokenizer = load_model(base_dir)
     metrics = _sft(cfg, cfg.pipeline.rejection_sft, base_model, tokenizer, load_sft_dataset(data), out)
     return {**stats, **metrics}
 
@@ -213,19 +220,40 @@ def all_scenario(cfg: PipelineConfig, init: Path, out: Path) -> dict[str, float]
     return {**metrics, **rl(cfg, stage, init, out, prompts)}
 
 
-def distill(cfg: PipelineConfig, data: Path, out: Path) -> dict[str, float]:
-    """SFT of a smaller dense student on stage 3's data (reasoning + non-reasoning rows)."""
-    from r1mega.data.datasets import load_sft_dataset
+def _student(cfg: PipelineConfig):
+    """(the distillation student at its start, its tokenizer): `pipeline.distill.student_path`, or the
+    `student` architecture pretrained on the base model's demonstrations (random with model.init=random)."""
     from r1mega.data.tokenizer import Tokenizer
     from r1mega.models import ModelConfig, Transformer, load_pretrained
+    from r1mega.trainers.base_model import pretrained_base
     from r1mega.trainers.components import build_tokenizer
 
     stage = cfg.pipeline.distill
     if stage.student_path:
-        student, tokenizer = load_pretrained(stage.student_path), Tokenizer.from_dir(stage.student_path)
-    else:
-        tokenizer = build_tokenizer(cfg.data, cfg.model)
-        torch.manual_seed(cfg.train.seed)
-        student = Transformer(ModelConfig(**{**stage.student, "vocab_size": tokenizer.vocab_size}))
-    metrics = _sft(cfg, stage, student, tokenizer, load_sft_dataset(data), out)
-    return {**metrics, "student/parameters": float(sum(p.numel() for p in student.parameters()))}
+        return load_pretrained(stage.student_path), Tokenizer.from_dir(stage.student_path)
+    tokenizer = build_tokenizer(cfg.data, cfg.model)
+    architecture = ModelConfig(**{**stage.student, "vocab_size": tokenizer.vocab_size})
+    if cfg.model.init == "base":
+        return pretrained_base(cfg.model, tokenizer, cfg.data, cfg.train.seed, architecture=architecture), tokenizer
+    torch.manual_seed(cfg.train.seed)
+    return Transformer(architecture), tokenizer
+
+
+def distill(cfg: PipelineConfig, teacher: Path, out: Path) -> dict[str, float]:
+    """SFT of a smaller dense student on samples of `teacher` (stage 4) kept by rejection sampling, mixed with
+    non-reasoning rows; the student's start is saved as out/student_start for the RL-only comparison."""
+    from r1mega.data.datasets import load_sft_dataset
+
+    data, stats = _rejection_data(cfg, teacher, out)
+    student, tokenizer = _student(cfg)
+    save_model(student, tokenizer, out / "student_start")
+    metrics = _sft(cfg, cfg.pipeline.distill, student, tokenizer, load_sft_dataset(data), out)
+    return {**stats, **metrics, "student/parameters": float(sum(p.numel() for p in student.parameters()))}
+
+
+def student_rl(cfg: PipelineConfig, distilled: dict[str, Any], out: Path) -> dict[str, float]:
+    """The distillation student's start trained with GRPO alone, for as many optimizer steps as its
+    distillation took (`distilled`: stage 5's finished record) unless `pipeline.student_rl.steps` says."""
+    stage = copy.deepcopy(cfg.pipeline.student_rl)
+    stage.steps = stage.steps or int(distilled["metrics"]["sft/steps"])
+    return rl(cfg, stage, Path(distilled["dir"]) / "student_start", out)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import random
 from dataclasses import asdict
+from typing import Optional
 
 import torch
 
@@ -24,7 +25,7 @@ from r1mega.data.tasks import demonstration, make_task_dataset
 from r1mega.data.tasks.strategies import strategy_sampler
 from r1mega.data.templates import get_template
 from r1mega.data.tokenizer import Tokenizer, cache_dir
-from r1mega.models import Transformer, preset
+from r1mega.models import ModelConfig as TransformerConfig, Transformer, preset
 from r1mega.models.checkpoint import is_native, load_native, save_native
 from r1mega.trainers.sft import train_sft
 
@@ -54,13 +55,16 @@ def _writer(model_cfg: ModelConfig, task: str):
                                           strategy=draw(rng), slip_rate=model_cfg.base_slip_rate)
 
 
-def pretrained_base(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int) -> Transformer:
-    config = preset(model_cfg.preset, vocab_size=tokenizer.vocab_size)
+def pretrained_base(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int,
+                    architecture: Optional[TransformerConfig] = None) -> Transformer:
+    """`architecture` (default: the preset `model_cfg.preset`) pretrained on the demonstrations that
+    `model_cfg.base_*` describe; the pipeline's distillation student is such a model, smaller."""
+    config = architecture or preset(model_cfg.preset, vocab_size=tokenizer.vocab_size)
     recipe = {"version": RECIPE_VERSION, "model": asdict(config), "tokenizer": tokenizer.backend.to_str(),
               "task": data.task, "difficulty": data.difficulty, "template": data.template, "seed": seed,
               **{k: v for k, v in asdict(model_cfg).items() if k.startswith("base_")}}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = cache_dir() / f"base_{model_cfg.preset}_{key}"
+    path = cache_dir() / f"base_{config.architecture}_{key}"
     if is_native(path):
         return load_native(path)
     print(f"pretraining the base model on {data.task} demonstrations (once; cached in {path})")

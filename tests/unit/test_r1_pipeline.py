@@ -154,17 +154,27 @@ def test_whole_pipeline_end_to_end_and_resume(tmp_path, capsys):
     assert any(r["kind"] == "non_reasoning" for r in rows)
     student = json.loads((dirs["distill"] / "model" / "config.json").read_text())
     assert student["architecture"] == "Qwen2ForCausalLM"
+    distilled = [json.loads(line) for line in (dirs["distill"] / "data.jsonl").read_text().splitlines()]
+    assert {r["source_checkpoint"] for r in distilled if r["kind"] == "reasoning"} == {
+        str(dirs["all_scenario_rl"] / "model")}
+    # RL alone on the same student start, for as many optimizer steps as the distillation's SFT
+    rl_alone = json.loads((dirs["student_rl"] / "model" / "config.json").read_text())
+    assert rl_alone["architecture"] == "Qwen2ForCausalLM"
+    sft_steps = next(r for r in records if r["stage"] == "distill")["metrics"]["sft/steps"]
+    rl_steps = [json.loads(line)["step"] for line in (dirs["student_rl"] / "metrics.jsonl").read_text().splitlines()]
+    assert max(rl_steps) == sft_steps
+    assert "Distillation versus RL alone on the student" in text
     assert (tmp_path / "report_eval.png").stat().st_size > 0 and (tmp_path / "report_training.png").exists()
 
-    # Resume: everything finished is skipped; start_stage=5 reruns only the distillation.
+    # Resume: everything finished is skipped; start_stage=5 reruns only the student's two stages.
     before = finished_times(tmp_path)
     capsys.readouterr()
     run_pipeline(make_config(tmp_path))
     assert finished_times(tmp_path) == before
-    assert capsys.readouterr().out.count("finished earlier, skipped") == 7
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 1 + len(STAGES)
     run_pipeline(make_config(tmp_path, "pipeline.start_stage=5"))
     after = finished_times(tmp_path)
-    assert [name for name in before if after[name] != before[name]] == ["distill"]
+    assert [name for name in before if after[name] != before[name]] == ["distill", "student_rl"]
 
     # r1mega-eval on a stage's checkpoint writes its tables
     result = subprocess.run([sys.executable, "-m", "r1mega.cli.eval", f"model_path={dirs['cold_start'] / 'model'}",
