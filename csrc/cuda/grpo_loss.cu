@@ -8,8 +8,7 @@
 // deterministic. A one-block finalize kernel reduces the partials in a fixed order (fp64), computes
 // the aggregation's per-row scale, the loss and the statistics, all on device (no host sync).
 // Backward: grad = upstream * row_scale[b] * factor, one vectorised elementwise pass.
-// exp is the same range-reduced polynomial as the CPU kernel: accurate under --use_fast_math, where
-// expf would become the less accurate __expf.
+// exp is the CPU kernel's polynomial (csrc/exp_poly.h).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -58,22 +57,15 @@ __device__ __forceinline__ void store(T* row, int64_t t, int64_t T_len, bool vec
     if (t + i < T_len) row[t + i] = in[i];
 }
 
-__device__ __forceinline__ float exp_acc(float x) {
-  constexpr float kHi = 88.72283935546875f, kLo = -87.3f;
-  const float xc = fminf(fmaxf(x, kLo), kHi);
-  const float n = floorf(xc * 1.44269504088896341f + 0.5f);
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int e = static_cast<int>(n), e1 = e >> 1;
-  const float out = y * __int_as_float((e1 + 127) << 23) * __int_as_float((e - e1 + 127) << 23);
-  return x > kHi ? __int_as_float(0x7f800000) : (x < kLo ? 0.0f : (x != x ? x : out));
-}
+// The helpers exp_poly.h asks for, on scalars.
+__device__ __forceinline__ float where(bool c, float a, float b) { return c ? a : b; }
+__device__ __forceinline__ int to_int(float x) { return static_cast<int>(x); }
+__device__ __forceinline__ float as_float(int x) { return __int_as_float(x); }
+#define R1MEGA_EXP_QUALIFIERS __device__ __forceinline__
+#include "../exp_poly.h"
+#undef R1MEGA_EXP_QUALIFIERS
+
+__device__ __forceinline__ float exp_acc(float x) { return exp_poly(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 
 // c * e where e = exp(x) (a ratio, or exp of the KL's log-ratio): the plain product where it is finite,
