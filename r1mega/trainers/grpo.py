@@ -73,12 +73,15 @@ class GRPOTrainer:
             train_rows, self.held_out = build_prompt_sets(cfg.data, cfg.train.seed)
             policy = build_policy(cfg.model, self.tokenizer, cfg.data, cfg.train.seed).to(self.device)
         self.prompts = prompts if prompts is not None else PromptStream(train_rows, cfg.train.seed)
+        if algo.routing_replay and cfg.model.backend != "native":
+            raise ValueError(f"algo.routing_replay=true needs model.backend=native: a {cfg.model.backend} policy "
+                             "does not replay routing yet")
         self.reference = self.dp.parallelize(copy.deepcopy(policy).requires_grad_(False).eval())
         # The engine copies the full weights before the policy is sharded.
         self.engine = build_engine(cfg.rollout, policy, self.tokenizer,
                                    longest_sequence(cfg, self.tokenizer, policy.config,
                                                     {"training": self.prompts.rows, **self.held_out}),
-                                   self.device)
+                                   self.device, record_routing=algo.routing_replay)
         self.policy = trainable(cfg.model, policy, self.dp)
         allow_isolation(cfg.reward.sandbox.allow)  # before the pool starts: its workers inherit it
         self.scorer = ScoringPool(list(cfg.reward.components.items()), cfg.reward.num_workers, cfg.reward.timeout)
@@ -126,7 +129,7 @@ class GRPOTrainer:
         started = time.perf_counter()
         on_policy = is_on_policy(algo)
         if not on_policy:  # else the loss pass takes its own, detached (policy_update.py)
-            batch.old_logp = self._logprobs(self.policy, batch)
+            batch.old_logp = self._logprobs(self.policy, batch, replay_routing=algo.routing_replay)
         if algo.beta > 0:
             batch.ref_logp = self._logprobs(self.reference, batch)
         rewards, kl_stats = batch.rewards, {}
@@ -163,10 +166,11 @@ class GRPOTrainer:
         return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats, **kl_stats,
                 **expert_stats, **timings, "lr": self.lr(self.step)}
 
-    def _logprobs(self, model, batch) -> torch.Tensor:
+    def _logprobs(self, model, batch, replay_routing: bool = False) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""
         return self.dp.sum(sequence_logprobs(model, batch, temperature=self.cfg.rollout.temperature,
-                                             token_budget=self.cfg.algo.token_budget, device=self.device))
+                                             token_budget=self.cfg.algo.token_budget, device=self.device,
+                                             replay_routing=replay_routing))
 
     def _count_nan_step(self, finite: bool) -> None:
         self.nan_streak = 0 if finite else self.nan_streak + 1
