@@ -63,6 +63,9 @@ class GRPOTrainer:
             raise ValueError(f"algo.ref_reset_every={algo.ref_reset_every} must be a multiple of the steps of a "
                              f"rollout ({self.steps_per_rollout}: algo.inner_epochs * algo.train_batch_size / "
                              "algo.ppo_mini_batch_size): the reference is replaced between rollouts")
+        if algo.routing_replay and cfg.model.backend != "native":
+            raise ValueError(f"algo.routing_replay=true needs model.backend=native: a {cfg.model.backend} policy "
+                             "does not replay routing yet")
         pin_cpu_kernels(cfg.train.cpu_isa)
         if cfg.train.cpu_threads > 0:
             torch.set_num_threads(cfg.train.cpu_threads)
@@ -73,9 +76,6 @@ class GRPOTrainer:
             train_rows, self.held_out = build_prompt_sets(cfg.data, cfg.train.seed)
             policy = build_policy(cfg.model, self.tokenizer, cfg.data, cfg.train.seed).to(self.device)
         self.prompts = prompts if prompts is not None else PromptStream(train_rows, cfg.train.seed)
-        if algo.routing_replay and cfg.model.backend != "native":
-            raise ValueError(f"algo.routing_replay=true needs model.backend=native: a {cfg.model.backend} policy "
-                             "does not replay routing yet")
         self.reference = self.dp.parallelize(copy.deepcopy(policy).requires_grad_(False).eval())
         # The engine copies the full weights before the policy is sharded.
         self.engine = build_engine(cfg.rollout, policy, self.tokenizer,

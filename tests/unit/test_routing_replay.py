@@ -1,12 +1,16 @@
 """MoE routing replay (R3): a replayed MoE layer against the layer written out by hand, the native engine's
 routing record against the trainer's own routing in fp32 (packed, shared-prompt and chunked-prefill rows),
-the trainer's replayed logprobs against the engine's, and a forced record that must change them."""
+the trainer's replayed logprobs against the engine's, a forced record that must change them, and the
+GRPO trainer's loss pass replaying what the engine recorded."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from r1mega.config import RolloutConfig
+from r1mega.cli.train import CONF_DIR
+from r1mega.config import RolloutConfig, register_configs
 from r1mega.models.config import tiny_deepseek_v3
 from r1mega.models.moe import MoE
 from r1mega.models.routing import NO_RECORD, Routing
@@ -14,6 +18,7 @@ from r1mega.models.transformer import Transformer
 from r1mega.rollout.engine import SamplingParams
 from r1mega.rollout.native import NativeEngine
 from r1mega.trainers.components import build_engine
+from r1mega.trainers.grpo import GRPOTrainer
 from r1mega.trainers.policy_update import sequence_logprobs
 from r1mega.trainers.rollout_batch import RolloutBatch
 
@@ -122,3 +127,40 @@ def test_replay_is_refused_where_it_is_not_done():
     batch = RolloutBatch.from_samples(unrecorded, torch.zeros(1))
     with pytest.raises(ValueError, match="algo.routing_replay=true, but the rollout batch has no routing record"):
         sequence_logprobs(policy, batch, temperature=1.0, token_budget=100, device="cpu", replay_routing=True)
+
+
+def trainer_config(tmp_path, *overrides):
+    # One rollout of 2 questions x 4 samples, one optimizer step (on-policy: the loss pass's logprobs
+    # are the old ones the rollout metrics compare with the engine's).
+    register_configs()
+    fast = ["model.init=random", "algo.train_batch_size=2", "algo.ppo_mini_batch_size=2", "algo.group_size=4",
+            "rollout.max_new_tokens=[[0,6]]", "data.train_size=64", "data.test_size=4", "train.progress=false",
+            "train.tensorboard=false", "algo.beta=0.0", f"train.out_dir={tmp_path}", *overrides]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=fast))
+
+
+def test_the_trainer_replays_the_engine_record(tmp_path):
+    trainer = GRPOTrainer(trainer_config(tmp_path, "algo.routing_replay=true"))
+    trainer.scorer.close()
+    with torch.no_grad():  # a policy whose experts differ, so that other experts change the logprobs
+        trainer.policy.init_weights(std=0.3)
+        trainer.engine.update_weights(trainer.policy.state_dict().items(), version=0)
+    assert trainer.train_step()["rollout/logprob_mismatch"] < 1e-4  # fp32 on both sides, the same experts
+
+    generate = trainer.engine.generate
+    experts = trainer.policy.config.n_routed_experts
+
+    def other_experts(*args, **kwargs):  # each recorded expert replaced by the next one (still k distinct)
+        groups = generate(*args, **kwargs)
+        for sample in (s for group in groups for s in group):
+            sample.routed_experts = (sample.routed_experts + 1) % experts
+        return groups
+
+    trainer.engine.generate = other_experts
+    assert trainer.train_step()["rollout/logprob_mismatch"] > 1e-2  # the loss pass routed by the record
+
+
+def test_replay_with_the_megatron_backend_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="algo.routing_replay=true needs model.backend=native"):
+        GRPOTrainer(trainer_config(tmp_path, "algo.routing_replay=true", "model.backend=megatron"))
