@@ -8,6 +8,8 @@ of 512); the MoE expert-bias update (once per rollout, from the load of all its 
 weights copied into the engine in place; one row of metrics, keyed by the steps done; a checkpoint,
 an evaluation, a reference reset when the rollout's steps reach a multiple of their interval. What
 changes with the step (learning rate, max_new_tokens) takes its value at the rollout's first step.
+With algo.routing_replay the engine records every token's experts and the policy's old and current
+logprob passes route to them (R3, r1mega/models/routing.py); the reference routes itself.
 The maths lives in r1mega.ops; this file is the order.
 
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
