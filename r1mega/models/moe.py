@@ -102,7 +102,7 @@ class MoE(nn.Module):
                 indices = routing.replayed(self.moe_index, indices)
                 weights = moe_route_weights(logits, indices, scaling=c.routed_scaling_factor, score=c.scoring_func,
                                             norm_topk=c.norm_topk_prob)
-            routing.chosen[self.moe_index] = indices.detach()
+            routing.chosen[self.moe_index] = indices
         x_sorted, tokens_per_expert, row_map = moe_permute(flat, indices, c.n_routed_experts)
         y = moe_unpermute(self.experts(x_sorted, tokens_per_expert), row_map, weights).view_as(x)
         with torch.no_grad():
