@@ -143,7 +143,8 @@ class AlgoConfig:
     max_nan_steps: int = 3  # optimizer steps in a row skipped for a NaN/inf loss or gradient stop the run
     # MoE routing replay (R3): the native engine records the experts it routed every token to, and the
     # policy's old and current logprob passes route to them, with their own router weights (the reference
-    # routes itself). False: the paper's recipe, every model routes itself.
+    # routes itself); native and megatron policies, expert parallel included; rollout.engine=native only.
+    # False: the paper's recipe, every model routes itself.
     routing_replay: bool = False
 
 

@@ -65,9 +65,6 @@ class GRPOTrainer:
             raise ValueError(f"algo.ref_reset_every={algo.ref_reset_every} must be a multiple of the steps of a "
                              f"rollout ({self.steps_per_rollout}: algo.inner_epochs * algo.train_batch_size / "
                              "algo.ppo_mini_batch_size): the reference is replaced between rollouts")
-        if algo.routing_replay and cfg.model.backend != "native":
-            raise ValueError(f"algo.routing_replay=true needs model.backend=native: a {cfg.model.backend} policy "
-                             "does not replay routing yet")
         pin_cpu_kernels(cfg.train.cpu_isa)
         if cfg.train.cpu_threads > 0:
             torch.set_num_threads(cfg.train.cpu_threads)

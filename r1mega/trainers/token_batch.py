@@ -120,10 +120,9 @@ def response_hidden(model, batch: TokenBatch, device, routing: list[torch.Tensor
         order += members
     shared = SharedPrefixRow.from_groups(groups, len(tokens), device)
     input_ids = torch.tensor(tokens, device=device)[None]
-    # Only when replaying: a megatron policy's forward takes no routing (the trainer refuses replay there).
-    replay = {} if routing is None else {"routing": Routing(replay=torch.cat(records).to(device))}
+    replay = None if routing is None else Routing(replay=torch.cat(records).to(device))
     hidden = model(input_ids, position_ids=torch.tensor(positions, device=device)[None], shared=shared,
-                   return_hidden=True, **replay)[0]  # [T, H]
+                   routing=replay, return_hidden=True)[0]  # [T, H]
     # Response token j is predicted at sequence position prompt_len + j - 1, found through the row's
     # sequences laid end to end (`expand`); masked columns point at the sequence's last token (any
     # valid index will do, their loss is 0).

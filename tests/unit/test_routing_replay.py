@@ -159,8 +159,3 @@ def test_the_trainer_replays_the_engine_record(tmp_path):
 
     trainer.engine.generate = other_experts
     assert trainer.train_step()["rollout/logprob_mismatch"] > 1e-2  # the loss pass routed by the record
-
-
-def test_replay_with_the_megatron_backend_is_refused_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match="algo.routing_replay=true needs model.backend=native"):
-        GRPOTrainer(trainer_config(tmp_path, "algo.routing_replay=true", "model.backend=megatron"))
