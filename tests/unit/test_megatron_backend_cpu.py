@@ -1,7 +1,7 @@
 """megatron-core on the CPU (tests/megatron_cpu_parity.py, in a subprocess: it shims megatron's CUDA
 allocations, which the package never does) against the native model on the same weights: logits for
-every architecture; the trainer's path through `MegatronPolicy`, routing replay included; and GRPO steps of the trainer with
-`model.backend=megatron` against `model.backend=native`."""
+every architecture; the trainer's path through `MegatronPolicy`, routing replay included; and GRPO
+steps of the trainer with `model.backend=megatron` against `model.backend=native`."""
 
 import json
 import socket
