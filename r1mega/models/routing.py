@@ -8,8 +8,9 @@ for the l-th MoE layer (N: the call's tokens as laid out in input_ids, row-major
 `replay[n, l]` instead of its own top-k, combined with its own router's weights at those experts (so
 the router still receives gradients); a row of -1 (a token the record does not cover) routes as usual.
 
-Deliberately left out: replaying the combine weights too (R2's variant), and a record of the shared
-experts (every token uses them).
+Deliberately left out: replaying the engine's combine weights too (only its choice is replayed, so
+the router keeps its gradient), R2 (the trainer's own old-logprob routing replayed in its update), and
+a record of the shared experts (every token uses them).
 """
 
 from __future__ import annotations
