@@ -80,6 +80,13 @@ def generate(policy, **engine_kw):
     return [s for group in groups for s in group]
 
 
+@pytest.fixture(scope="module")
+def rollout():
+    """The policy and its engine's samples with routing records (fp32 on both sides)."""
+    policy = model()
+    return policy, generate(policy)
+
+
 def own_routing(policy, sample) -> torch.Tensor:
     """The trainer's own experts [P + n, L, k] for one sample, from a plain forward of its sequence."""
     routing = Routing()
@@ -88,9 +95,8 @@ def own_routing(policy, sample) -> torch.Tensor:
     return routing.stacked()
 
 
-def test_engine_record_is_the_trainer_routing_and_replay_keeps_the_logprobs_in_fp32():
-    policy = model()
-    samples = generate(policy)
+def test_engine_record_is_the_trainer_routing_and_replay_keeps_the_logprobs_in_fp32(rollout):
+    policy, samples = rollout
     for s in samples:
         record = s.routed_experts.long()
         assert record.shape == (len(s.prompt_ids) + len(s.token_ids) - 1, MOE_LAYERS, K)
@@ -107,9 +113,8 @@ def test_engine_record_is_the_trainer_routing_and_replay_keeps_the_logprobs_in_f
         torch.testing.assert_close(replayed, own, atol=2e-5, rtol=0)
 
 
-def test_a_different_record_changes_the_logprobs():
-    policy = model()
-    samples = generate(policy)
+def test_a_different_record_changes_the_logprobs(rollout):
+    policy, samples = rollout
     batch = RolloutBatch.from_samples(samples, torch.zeros(len(samples)))
     kw = dict(temperature=1.0, token_budget=1000, device="cpu", replay_routing=True)
     replayed = sequence_logprobs(policy, batch, **kw)
