@@ -141,6 +141,11 @@ class AlgoConfig:
     token_budget: int = 16384  # tokens per micro-batch after packing
     expert_bias_rate: float = 0.001
     max_nan_steps: int = 3  # optimizer steps in a row skipped for a NaN/inf loss or gradient stop the run
+    # MoE routing replay (R3): the native engine records the experts it routed every token to, and the
+    # policy's old and current logprob passes route to them, with their own router weights (the reference
+    # routes itself); native and megatron policies, expert parallel included; rollout.engine=native only.
+    # False: the paper's recipe, every model routes itself.
+    routing_replay: bool = False
 
 
 @dataclass

@@ -7,7 +7,8 @@ megatron-core allocates on `torch.cuda.current_device()`; this helper (never the
 at the CPU and skips megatron's CUDA-RNG weight init (weights are loaded anyway). It runs in its own
 process because it initialises torch.distributed (gloo, world of one) and megatron's parallel state.
 Usage: python tests/megatron_cpu_parity.py PORT NAME...
-(NAME: a config of CONFIGS; policy:NAME runs `run_policy`; trainer:PRESET runs `run_trainer`)
+(NAME: a config of CONFIGS; policy:NAME runs `run_policy`, replay:NAME `run_replay`; trainer:PRESET runs
+`run_trainer`)
 """
 
 import json
@@ -143,6 +144,46 @@ def run_policy(name: str) -> dict:
                 bias_moved=any("expert_bias" in k and t.abs().max() > 0.1 + 1e-3 for k, t in want.items()))
 
 
+def run_replay(name: str) -> dict:
+    """Routing replay through `MegatronPolicy` against the native model on the same weights: a packed
+    micro-batch whose samples share prompts, both replaying one random routing record (R3), its hidden
+    states, on-policy GRPO loss and gradient norm; and how far replay moved megatron's hidden states."""
+    from r1mega.backends.megatron.policy import MegatronPolicy
+    from r1mega.ops.linear_grpo_loss import linear_grpo_loss
+    from r1mega.trainers.token_batch import TokenBatch, response_hidden
+
+    cfg = CONFIGS[name]()
+    native = perturbed_native(cfg).train()
+    policy = MegatronPolicy(cfg, build_loaded(cfg, native).train())
+    gen = torch.Generator().manual_seed(1)
+    lengths = [5, 9, 3, 6]
+    shared = [torch.randint(0, cfg.vocab_size, (4,), generator=gen).tolist() for _ in range(2)]
+    prompts = [shared[0], shared[0], shared[1], shared[1]]
+    ids, mask = TokenBatch.pad([torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths])
+    batch, advantages = TokenBatch(prompts, ids, mask), torch.randn(len(lengths), generator=gen)
+    layers = sum(map(cfg.is_moe_layer, range(cfg.num_hidden_layers)))
+    # what an engine records: every token of prompt + response but the last
+    records = [torch.rand(len(p) + n - 1, layers, cfg.n_routed_experts, generator=gen).argsort(-1)[
+        ..., :cfg.num_experts_per_tok] for p, n in zip(prompts, lengths)]
+    results = {}
+    for label, model in (("native", native), ("megatron", policy)):
+        hidden = response_hidden(model, batch, "cpu", records)
+        loss, _ = linear_grpo_loss(hidden, model.output_weight, ids, None, None, advantages, mask, beta=0.0)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+        results[label] = (hidden.detach(), loss.item(), grad_norm.item())
+    with torch.no_grad():
+        unreplayed = response_hidden(policy, batch, "cpu")
+    (h_n, loss_n, norm_n), (h_m, loss_m, norm_m) = results["native"], results["megatron"]
+    # masked columns hold a response's last token, which megatron routes to experts 0..k-1 and the native
+    # model by itself (neither record covers it); no logprob reads it
+    valid = mask[..., None]
+    return dict(name=name, mode="replay", hidden_diff=((h_m - h_n) * valid).abs().max().item(),
+                loss_diff=abs(loss_m - loss_n),
+                grad_norm_rel_diff=abs(norm_m - norm_n) / norm_n,
+                replay_moved=((unreplayed - h_m) * valid).abs().max().item())
+
+
 def run_trainer(preset: str) -> dict:
     """Three GRPO steps of the trainer with model.backend=megatron and with the native backend, from
     the same random model and prompts: per-step metrics of both. megatron's model is built by `build`
@@ -170,7 +211,7 @@ def main() -> None:
     compat.apply()
     for name in sys.argv[2:]:
         mode, _, name = name.rpartition(":")
-        runner = {"policy": run_policy, "trainer": run_trainer}.get(mode, run)
+        runner = {"policy": run_policy, "replay": run_replay, "trainer": run_trainer}.get(mode, run)
         print(json.dumps(runner(name)), flush=True)
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from r1mega.models import rope
 from r1mega.models.kv_cache import KVCache, Slots
 from r1mega.models.norm import RMSNorm
+from r1mega.models.routing import Routing
 from r1mega.models.shared_prefix import SharedPrefixRow
 
 
@@ -46,6 +47,7 @@ class AttnContext:
     positions: Optional[torch.Tensor] = None  # [B, T], cache path
     cache_len: int = 0  # keys read from each slot: max position + 1
     hidden: Optional[torch.Tensor] = None  # [B, T, cache_len]: True past each query's position (stale or unwritten)
+    routing: Optional[Routing] = None  # the MoE layers' record and replay of this call (routing.py), not attention's
 
 
 def attend_cached(layer: int, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], scale: float,

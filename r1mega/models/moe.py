@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1mega.ops.moe import moe_permute, moe_route, moe_unpermute
+from r1mega.models.routing import Routing
+from r1mega.ops.moe import moe_permute, moe_route, moe_route_weights, moe_unpermute
 
 
 class SwiGLU(nn.Module):
@@ -69,9 +70,10 @@ class Experts(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, moe_index: int = 0):
         super().__init__()
         self.config = config
+        self.moe_index = moe_index  # this layer's place among the model's MoE layers (routing.py)
         self.router = Router(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared = (SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
@@ -83,9 +85,11 @@ class MoE(nn.Module):
         self.last_expert_load: torch.Tensor | None = None
         self.load_since_update: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, token_repeats: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_repeats: torch.Tensor | None = None,
+                routing: Routing | None = None) -> torch.Tensor:
         """x [..., H]; token_repeats [N] (N = tokens of x): how many sequences read each token, as
-        expert-load counts (shared_prefix.py; None: once each)."""
+        expert-load counts (shared_prefix.py; None: once each). routing: records this layer's choice
+        and, with a replay, routes to the recorded experts (routing.py)."""
         c = self.config
         flat = x.reshape(-1, x.shape[-1])  # [N, H]
         # router logits in fp32, as DeepSeek-V3 computes them
@@ -93,6 +97,12 @@ class MoE(nn.Module):
         weights, indices = moe_route(logits, self.router.expert_bias, top_k=c.num_experts_per_tok, n_group=c.n_group,
                                      topk_group=c.topk_group, scaling=c.routed_scaling_factor, score=c.scoring_func,
                                      norm_topk=c.norm_topk_prob)  # [N, k] each
+        if routing is not None:
+            if routing.replay is not None:
+                indices = routing.replayed(self.moe_index, indices)
+                weights = moe_route_weights(logits, indices, scaling=c.routed_scaling_factor, score=c.scoring_func,
+                                            norm_topk=c.norm_topk_prob)
+            routing.chosen[self.moe_index] = indices
         x_sorted, tokens_per_expert, row_map = moe_permute(flat, indices, c.n_routed_experts)
         y = moe_unpermute(self.experts(x_sorted, tokens_per_expert), row_map, weights).view_as(x)
         with torch.no_grad():

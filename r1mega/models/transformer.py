@@ -26,6 +26,7 @@ from r1mega.models.config import ModelConfig
 from r1mega.models.kv_cache import KVCache, Slots
 from r1mega.models.moe import MoE, SwiGLU
 from r1mega.models.norm import RMSNorm
+from r1mega.models.routing import Routing
 from r1mega.models.shared_prefix import SharedPrefixRow
 
 
@@ -35,12 +36,14 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = MLAttention(config, layer) if config.is_mla else GQAttention(config, layer)
         self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.ffn = MoE(config) if config.is_moe_layer(layer) else SwiGLU(config.hidden_size, config.intermediate_size)
+        self.ffn = (MoE(config, moe_index=sum(map(config.is_moe_layer, range(layer))))
+                    if config.is_moe_layer(layer) else SwiGLU(config.hidden_size, config.intermediate_size))
 
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), ctx)
-        if ctx.shared is not None and isinstance(self.ffn, MoE):
-            return x + self.ffn(self.ffn_norm(x), token_repeats=ctx.shared.repeats)
+        if isinstance(self.ffn, MoE):
+            repeats = ctx.shared.repeats if ctx.shared is not None else None
+            return x + self.ffn(self.ffn_norm(x), token_repeats=repeats, routing=ctx.routing)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -98,7 +101,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
                 segment_ids: Optional[torch.Tensor] = None, shared: Optional[SharedPrefixRow] = None,
                 cache: Optional[KVCache] = None, slots: Optional[Slots] = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                routing: Optional[Routing] = None, return_hidden: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> float logits [B, T, V], or final-normed hidden states [B, T, H] if return_hidden.
 
         segment_ids [B, T]: packed rows; each run of equal ids attends only within itself and, unless
@@ -106,6 +109,8 @@ class Transformer(nn.Module):
         whose shared prefixes are stored once (shared_prefix.py); position_ids required.
         cache + slots (a slice or a [B] tensor of cache rows): write this call's keys and values at
         position_ids (required) in the slots' cache rows and attend over them.
+        routing: filled with each MoE layer's experts for the B x T tokens, and replayed from
+        its record when it has one (routing.py).
         """
         b, t = input_ids.shape
         ctx_kw = {}
@@ -132,9 +137,12 @@ class Transformer(nn.Module):
             ctx_kw = dict(shared=shared)
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        if routing is not None:
+            c = self.config
+            routing.check(b * t, sum(map(c.is_moe_layer, range(c.num_hidden_layers))), c.num_experts_per_tok)
         h = self.embed(input_ids)  # [B, T, H]
         cos, sin = rope.cos_sin(self.config, position_ids, h.dtype)
-        ctx = AttnContext(cos=cos, sin=sin, **ctx_kw)
+        ctx = AttnContext(cos=cos, sin=sin, routing=routing, **ctx_kw)
         for layer in self.layers:
             h = layer(h, ctx)
         h = self.norm(h)

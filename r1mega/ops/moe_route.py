@@ -18,6 +18,10 @@ Normalisation divides by (sum + 1e-20), as transformers' DeepSeek-V3 router does
 Gradients reach `logits` through the weights only; the selection is piecewise constant, and `bias`
 receives none (it is updated by the load-balancing rule, not by the loss).
 
+`moe_route_weights` gives the weights of experts chosen elsewhere (routing replay: a rollout engine's
+choice combined with the trainer's own scores), by the same rule; plain PyTorch, since it is a gather
+and a normalisation with nothing to fuse.
+
 Deliberately left out: capacity limits / token dropping, auxiliary losses, the node-limited variant
 (it is the group-limited one with one group per node).
 """
@@ -85,10 +89,26 @@ def moe_route_reference(
             kept.scatter_(1, _stable_topk(group_scores, topk_group), True)
             choice = choice.masked_fill(~kept.repeat_interleave(group_size, dim=1), float("-inf"))
         indices = _stable_topk(choice, top_k)  # [N, k]
+    return _weights_at(probs, indices, scaling, norm_topk), indices
+
+
+def _weights_at(probs: torch.Tensor, indices: torch.Tensor, scaling: float, norm_topk: bool) -> torch.Tensor:
     weights = probs.gather(1, indices)  # [N, k]
     if norm_topk:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + _NORM_EPS)
-    return weights * scaling, indices
+    return weights * scaling
+
+
+def moe_route_weights(logits: torch.Tensor, indices: torch.Tensor, *, scaling: float = 1.0, score: str = "sigmoid",
+                      norm_topk: bool = True) -> torch.Tensor:
+    """Combine weights [N, k] (fp32; fp64 for fp64 logits) of the given experts indices [N, k] under router
+    logits [N, E]: the scores at those experts (no bias), normalised when `norm_topk`, times `scaling`,
+    differentiable in `logits`."""
+    if score not in _SCORES:
+        raise ValueError(f"moe_route_weights: score must be one of {_SCORES}, got {score!r}")
+    if indices.shape[0] != logits.shape[0] or indices.dim() != 2:
+        raise ValueError(f"moe_route_weights: indices must be [N={logits.shape[0]}, k], got {tuple(indices.shape)}")
+    return _weights_at(_probs(logits, score), indices.long(), scaling, norm_topk)
 
 
 if hasattr(torch.ops.r1mega, "moe_route"):  # the compiled library defines the schemas

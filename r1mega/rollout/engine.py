@@ -48,6 +48,10 @@ class Sample:
     logprobs: list[float] = field(default_factory=list)  # one per token_ids entry (see module docstring)
     finish_reason: FinishReason = "length"
     error: Optional[str] = None  # set when finish_reason == "error"
+    # [len(prompt_ids) + len(token_ids) - 1, L, k] int16: the experts each of the L MoE layers chose for
+    # every token the engine fed (the prompt and the generated tokens but the last); None unless the
+    # engine records routing (the native engine's record_routing), for routing replay (models/routing.py)
+    routed_experts: Optional[torch.Tensor] = None
 
     @property
     def refused(self) -> bool:

@@ -14,6 +14,9 @@
   sample's slot takes the cache of the last one), so decode reads the cache as views, never gathers.
 - Sampling (sampling.py) runs on the model's device, one seeded generator per sample; stop token ids
   and stop strings (stop.py); every sample reports the log-probability of each token it drew.
+- Routing record (`record_routing=True`, for routing replay in the trainer): every sample also reports
+  the experts each MoE layer chose for each token the engine fed, its prompt's (from the prefill its
+  group shared) and its generated tokens' but the last (never fed), as `Sample.routed_experts`.
 - A bad request (empty prompt, longer than max_len or the model's max_position_embeddings, invalid
   parameters) gets error samples; the others run.
 
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 
 from r1mega.models.checkpoint import empty_model
 from r1mega.models.kv_cache import KVCache
+from r1mega.models.routing import Routing
 from r1mega.rollout import weight_sync
 from r1mega.rollout.engine import Prompts, Sample, SamplingParams, validate
 from r1mega.rollout.sampling import sample, sample_generator
@@ -61,6 +65,7 @@ class _Seq:
     generator: Optional[torch.Generator]
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    routing: list[torch.Tensor] = field(default_factory=list)  # [n, L, k] per fed token run: prompt, then decodes
     finished: bool = False
 
     @property
@@ -73,7 +78,7 @@ class NativeEngine:
     def __init__(self, model, tokenizer=None, *, max_slots: int = 64, max_len: int = 4096,
                  kv_cache_bytes: Optional[int] = None, device=None, dtype: Optional[torch.dtype] = None,
                  share_weights: bool = False, prefill_chunk: int = 1024, prefill_tokens: int = 8192,
-                 bucket_bytes: int = weight_sync.DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = weight_sync.DEFAULT_BUCKET_BYTES, record_routing: bool = False):
         source_device = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else source_device
         self.dtype = dtype or next(model.parameters()).dtype
@@ -92,6 +97,9 @@ class NativeEngine:
         self.tokenizer = tokenizer
         self.max_len, self.prefill_chunk, self.prefill_tokens = max_len, prefill_chunk, prefill_tokens
         self.bucket_bytes = bucket_bytes
+        if record_routing and not any(map(self.config.is_moe_layer, range(self.config.num_hidden_layers))):
+            raise ValueError("record_routing=True needs a model with MoE layers")
+        self.record_routing = record_routing
         per_slot = KVCache.bytes_per_token(self.config, self.dtype) * max_len
         self.num_slots = max_slots if kv_cache_bytes is None else min(max_slots, kv_cache_bytes // per_slot)
         if self.num_slots < 1:
@@ -233,6 +241,8 @@ class NativeEngine:
         out = seq.request.samples[seq.index]
         out.token_ids, out.logprobs, out.finish_reason, out.error = seq.tokens, seq.logprobs, reason, error
         out.text = seq.request.stop.finalize(seq.tokens)
+        if self.record_routing:
+            out.routed_experts = torch.cat(seq.routing).to("cpu", torch.int16)
         seq.finished = True
 
     # ---- model calls
@@ -254,17 +264,21 @@ class NativeEngine:
             batch.append(g)
         batches.append(batch)
         for batch in batches:
-            hidden = self._prefill_batch([prompts[g] for g in batch], [groups[g][0].slot for g in batch])
-            for g, h in zip(batch, hidden):
+            hidden, routed = self._prefill_batch([prompts[g] for g in batch], [groups[g][0].slot for g in batch])
+            for g, h, r in zip(batch, hidden, routed):
                 last[g] = h
+                for seq in groups[g]:
+                    seq.routing = list(r)  # its own list: the decodes append to it
         for group in groups:
             self._fork(group[0].slot, [s.slot for s in group[1:]], len(group[0].request.prompt))
         return self._logits(torch.stack(last))
 
-    def _prefill_batch(self, prompts: list[list[int]], slots: list[int]) -> list[torch.Tensor]:
-        """Prefills prompts into slots, chunk by chunk; the hidden state [H] at each prompt's last token."""
+    def _prefill_batch(self, prompts: list[list[int]], slots: list[int]) -> tuple[list, list[list[torch.Tensor]]]:
+        """Prefills prompts into slots, chunk by chunk: the hidden state [H] at each prompt's last token, and
+        each prompt's routing record, chunk by chunk (empty unless recorded)."""
         lengths = [len(p) for p in prompts]
         last = [None] * len(prompts)
+        routed = [[] for _ in prompts]
         for start in range(0, max(lengths), self.prefill_chunk):
             rows = [i for i, n in enumerate(lengths) if n > start]
             width = min(self.prefill_chunk, max(lengths[i] for i in rows) - start)
@@ -275,13 +289,17 @@ class NativeEngine:
                 chunk = prompts[i][start:start + width]
                 ids[r, :len(chunk)] = torch.tensor(chunk)
             positions = (start + torch.arange(width)).expand(len(rows), width)
+            routing = Routing() if self.record_routing else None
             hidden = self.model(ids.to(self.device), position_ids=positions.to(self.device), cache=self.cache,
                                 slots=torch.tensor([slots[i] for i in rows], device=self.device),
-                                return_hidden=True)  # [R, width, H]
+                                routing=routing, return_hidden=True)  # [R, width, H]
+            chosen = routing.stacked().unflatten(0, (len(rows), width)) if routing else None  # [R, width, L, k]
             for r, i in enumerate(rows):
                 if start <= lengths[i] - 1 < start + width:
                     last[i] = hidden[r, lengths[i] - 1 - start]
-        return last
+                if chosen is not None:  # the padding's choices are dropped
+                    routed[i].append(chosen[r, :min(width, lengths[i] - start)])
+        return last, routed
 
     def _fork(self, src: int, dst: list[int], length: int) -> None:
         """Copies the first `length` cache positions of slot src into slots dst."""
@@ -295,6 +313,10 @@ class NativeEngine:
         """One token for every running seq (seq i in slot i): logits [B, V] after its last sampled token."""
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.position] for s in seqs], device=self.device)  # [B, 1]
+        routing = Routing() if self.record_routing else None
         hidden = self.model(ids, position_ids=positions, cache=self.cache, slots=slice(0, len(seqs)),
-                            return_hidden=True)
+                            routing=routing, return_hidden=True)
+        if routing is not None:
+            for seq, chosen in zip(seqs, routing.stacked()):  # [L, k] each
+                seq.routing.append(chosen[None])
         return self._logits(hidden[:, 0])

@@ -85,12 +85,18 @@ def build_policy(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig,
     return Transformer(preset(model_cfg.preset, vocab_size=tokenizer.vocab_size))
 
 
-def build_engine(rollout: RolloutConfig, policy, tokenizer: Tokenizer, max_len: int, device):
+def build_engine(rollout: RolloutConfig, policy, tokenizer: Tokenizer, max_len: int, device,
+                 record_routing: bool = False):
+    """`record_routing`: the engine records the experts of every token (algo.routing_replay)."""
     if rollout.engine == "native":
         from r1mega.rollout.native import NativeEngine
 
         return NativeEngine(policy, tokenizer, max_slots=rollout.max_slots, max_len=max_len,
-                            kv_cache_bytes=rollout.kv_cache_bytes or None, device=device)
+                            kv_cache_bytes=rollout.kv_cache_bytes or None, device=device,
+                            record_routing=record_routing)
+    if record_routing:
+        raise ValueError(f"algo.routing_replay=true needs rollout.engine=native: the {rollout.engine} engine does "
+                         "not record its routing yet")
     if rollout.engine == "sglang":
         from r1mega.rollout.sglang import SGLangEngine
 

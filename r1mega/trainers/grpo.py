@@ -8,6 +8,8 @@ of 512); the MoE expert-bias update (once per rollout, from the load of all its 
 weights copied into the engine in place; one row of metrics, keyed by the steps done; a checkpoint,
 an evaluation, a reference reset when the rollout's steps reach a multiple of their interval. What
 changes with the step (learning rate, max_new_tokens) takes its value at the rollout's first step.
+With algo.routing_replay the engine records every token's experts and the policy's old and current
+logprob passes route to them (R3, r1mega/models/routing.py); the reference routes itself.
 The maths lives in r1mega.ops; this file is the order.
 
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
@@ -78,7 +80,7 @@ class GRPOTrainer:
         self.engine = build_engine(cfg.rollout, policy, self.tokenizer,
                                    longest_sequence(cfg, self.tokenizer, policy.config,
                                                     {"training": self.prompts.rows, **self.held_out}),
-                                   self.device)
+                                   self.device, record_routing=algo.routing_replay)
         self.policy = trainable(cfg.model, policy, self.dp)
         allow_isolation(cfg.reward.sandbox.allow)  # before the pool starts: its workers inherit it
         self.scorer = ScoringPool(list(cfg.reward.components.items()), cfg.reward.num_workers, cfg.reward.timeout)
@@ -126,7 +128,7 @@ class GRPOTrainer:
         started = time.perf_counter()
         on_policy = is_on_policy(algo)
         if not on_policy:  # else the loss pass takes its own, detached (policy_update.py)
-            batch.old_logp = self._logprobs(self.policy, batch)
+            batch.old_logp = self._logprobs(self.policy, batch, replay_routing=algo.routing_replay)
         if algo.beta > 0:
             batch.ref_logp = self._logprobs(self.reference, batch)
         rewards, kl_stats = batch.rewards, {}
@@ -163,10 +165,11 @@ class GRPOTrainer:
         return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats, **kl_stats,
                 **expert_stats, **timings, "lr": self.lr(self.step)}
 
-    def _logprobs(self, model, batch) -> torch.Tensor:
+    def _logprobs(self, model, batch, replay_routing: bool = False) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""
         return self.dp.sum(sequence_logprobs(model, batch, temperature=self.cfg.rollout.temperature,
-                                             token_budget=self.cfg.algo.token_budget, device=self.device))
+                                             token_budget=self.cfg.algo.token_budget, device=self.device,
+                                             replay_routing=replay_routing))
 
     def _count_nan_step(self, finite: bool) -> None:
         self.nan_streak = 0 if finite else self.nan_streak + 1

@@ -46,13 +46,24 @@ EXTREMES = {"ratio_min": (min, math.inf), "ratio_max": (max, -math.inf)}
 
 
 @torch.no_grad()
-def sequence_logprobs(model, batch: RolloutBatch, *, temperature: float, token_budget: int, device) -> torch.Tensor:
-    """Logprob [S, R] of each response token under `model` (0 where masked)."""
+def sequence_logprobs(model, batch: RolloutBatch, *, temperature: float, token_budget: int, device,
+                      replay_routing: bool = False) -> torch.Tensor:
+    """Logprob [S, R] of each response token under `model` (0 where masked); with `replay_routing`, routed
+    to the engine's experts (the batch's routing record, token_batch.py)."""
     out = torch.zeros_like(batch.mask)
     for index in batch.micro_batches(token_budget):
         micro = batch.select(index)
-        _place(out, index, response_logprobs(model, micro, temperature=temperature, device=device))
+        _place(out, index, response_logprobs(model, micro, temperature=temperature, device=device,
+                                             routing=_replayed(micro, replay_routing)))
     return out
+
+
+def _replayed(batch: RolloutBatch, replay: bool) -> list[torch.Tensor] | None:
+    """The routing record to replay in a pass over `batch`: its own when `replay` (algo.routing_replay)."""
+    if replay and batch.routing is None:
+        raise ValueError("algo.routing_replay=true, but the rollout batch has no routing record: the engine must "
+                         "record the experts it routed to (the native engine's record_routing)")
+    return batch.routing if replay else None
 
 
 def sequence_kl(old_logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -165,7 +176,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens
         for n, index in enumerate(micro_batches):
             micro = mini.select(index)
             with _local_gradients(model, keep=n < len(micro_batches) - 1):
-                hidden = response_hidden(model, micro, device)
+                hidden = response_hidden(model, micro, device, _replayed(micro, algo.routing_replay))
                 ref = None if beta == 0.0 else micro.ref_logp.to(device)
                 old = None if on_policy else micro.old_logp.to(device)
                 loss, stats, logp = linear_grpo_loss(

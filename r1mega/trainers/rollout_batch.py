@@ -16,6 +16,7 @@ class RolloutBatch(TokenBatch):
     advantages: torch.Tensor | None = None  # [S]
     old_logp: torch.Tensor | None = None  # [S, R]
     ref_logp: torch.Tensor | None = None  # [S, R]
+    routing: list[torch.Tensor] | None = None  # per sample, the engine's routing record (Sample.routed_experts)
 
     @classmethod
     def from_samples(cls, samples, rewards: torch.Tensor) -> "RolloutBatch":
@@ -25,4 +26,8 @@ class RolloutBatch(TokenBatch):
         engine_logp = engine_logp.float()
         for i, sample in enumerate(samples):
             engine_logp[i, :len(sample.logprobs)] = torch.tensor(sample.logprobs, dtype=torch.float32)
-        return cls([list(s.prompt_ids) for s in samples], response_ids, mask, engine_logp, rewards.float())
+        records = [s.routed_experts for s in samples]
+        if any(r is None for r in records) and not all(r is None for r in records):
+            raise ValueError("some samples carry a routing record and others none: the engine records all or none")
+        return cls([list(s.prompt_ids) for s in samples], response_ids, mask, engine_logp, rewards.float(),
+                   routing=None if records and records[0] is None else records)

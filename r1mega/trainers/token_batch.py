@@ -5,7 +5,10 @@ response, response tokens left-aligned, `mask` marking real tokens. The logits t
 token j of a sample come from the hidden state at sequence position `prompt_len + j - 1`, which is
 what `response_hidden` gathers from one packed forward: sequences side by side in one row, attention
 kept within each, and the samples of one prompt (GRPO's group) reading a single copy of it, so that
-the prompt passes through the model once per micro-batch instead of once per sample.
+the prompt passes through the model once per micro-batch instead of once per sample. With routing
+records (the engine's experts per token, `Sample.routed_experts`), that forward replays them: the
+shared prompt takes the record of its group's first sample, each response its own, and a response's
+last token, which the engine never fed, routes itself.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from r1mega.data.packing import pack_sequences
+from r1mega.models.routing import NO_RECORD, Routing
 from r1mega.models.shared_prefix import SharedPrefixRow
 
 
@@ -82,29 +86,43 @@ class TokenBatch:
         return list(groups.values())
 
 
-def response_hidden(model, batch: TokenBatch, device) -> torch.Tensor:
+def _response_record(record: torch.Tensor, prompt_len: int, response_len: int) -> torch.Tensor:
+    """A sample's record [P + n - 1, L, k] cut to its response's n tokens, the last one NO_RECORD."""
+    part = record[prompt_len:prompt_len + response_len]
+    missing = part.new_full((response_len - part.shape[0], *record.shape[1:]), NO_RECORD)
+    return torch.cat([part, missing])
+
+
+def response_hidden(model, batch: TokenBatch, device, routing: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Hidden states [S, R, H] that predict each response token, from one packed forward pass in which
-    samples with the same prompt share one copy of it (shared_prefix.py)."""
+    samples with the same prompt share one copy of it (shared_prefix.py). `routing`: per sample, the
+    engine's routing record [P + n - 1, L, k], replayed (module docstring)."""
     if not all(batch.prompt_ids):
         raise ValueError("a sample has an empty prompt: its first response token has no position to be predicted at")
     tokens, positions, groups, order = [], [], [], []  # order: the sample of each sequence of the row
+    records = []  # the routing record of each run of stored tokens, in row order
     for members in batch.prompt_groups():
         prompt = batch.prompt_ids[members[0]]
         prefix = (len(tokens), len(tokens) + len(prompt))
         tokens += prompt
         positions += range(len(prompt))
+        if routing is not None:
+            records.append(routing[members[0]][:len(prompt)])
         suffixes = []
         for i in members:
             response = batch.response_ids[i, :int(batch.mask[i].sum())].tolist()
             suffixes.append((len(tokens), len(tokens) + len(response)))
             tokens += response
             positions += range(len(prompt), len(prompt) + len(response))
+            if routing is not None:
+                records.append(_response_record(routing[i], len(prompt), len(response)))
         groups.append((prefix, suffixes))
         order += members
     shared = SharedPrefixRow.from_groups(groups, len(tokens), device)
     input_ids = torch.tensor(tokens, device=device)[None]
+    replay = None if routing is None else Routing(replay=torch.cat(records).to(device))
     hidden = model(input_ids, position_ids=torch.tensor(positions, device=device)[None], shared=shared,
-                   return_hidden=True)[0]  # [T, H]
+                   routing=replay, return_hidden=True)[0]  # [T, H]
     # Response token j is predicted at sequence position prompt_len + j - 1, found through the row's
     # sequences laid end to end (`expand`); masked columns point at the sequence's last token (any
     # valid index will do, their loss is 0).
@@ -115,11 +133,13 @@ def response_hidden(model, batch: TokenBatch, device) -> torch.Tensor:
     return hidden[shared.expand[at.to(device)]]  # [S, R, H]
 
 
-def response_logprobs(model, batch: TokenBatch, *, temperature: float, device) -> torch.Tensor:
-    """Logprob [S, R] of each response token, differentiable, through the chunked `linear_logprob`."""
+def response_logprobs(model, batch: TokenBatch, *, temperature: float, device,
+                      routing: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Logprob [S, R] of each response token, differentiable, through the chunked `linear_logprob`;
+    `routing` replayed as `response_hidden` does."""
     from r1mega.ops.linear_logprob import linear_logprob
 
-    hidden = response_hidden(model, batch, device)
+    hidden = response_hidden(model, batch, device, routing)
     s, r, h = hidden.shape
     logp, _ = linear_logprob(hidden.reshape(s * r, h), model.output_weight, batch.response_ids.to(device).reshape(-1),
                              temperature=temperature)

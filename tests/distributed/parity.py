@@ -5,7 +5,8 @@ copy it parallelizes), feeds the reference the whole batch and the parallel copy
 share, and checks that the loss, every parameter's gradient, the gradient norm and the gradients
 clipped by r1mega.parallel.grad_clip (against torch.nn.utils.clip_grad_norm_ in one process), and
 every parameter after one SGD step agree within `tol` (fp32). Gradients of sharded parameters are
-compared as full tensors.
+compared as full tensors. With `replay`, both route to a routing record drawn at random (routing
+replay; a few tokens unrecorded, routing themselves), each rank's share of it with its share of the batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from r1mega.models.config import ModelConfig, tiny_deepseek_v3
+from r1mega.models.routing import NO_RECORD, Routing
 from r1mega.models.transformer import Transformer
 from r1mega.parallel import ParallelDims, parallelize
 from r1mega.parallel.grad_clip import clip_grad_norm
@@ -47,15 +49,27 @@ def batch(cfg: ModelConfig, rows: int = 4, length: int = 12) -> torch.Tensor:
     return torch.randint(cfg.vocab_size, (rows, length + 1), generator=torch.Generator().manual_seed(1))
 
 
-def loss_of(model, ids: torch.Tensor) -> torch.Tensor:
-    logits = model(ids[:, :-1])  # [B, T, V]
+def loss_of(model, ids: torch.Tensor, record: torch.Tensor | None = None) -> torch.Tensor:
+    """record [B, T, L, k]: the experts each MoE layer is made to use, replayed."""
+    routing = None if record is None else Routing(replay=record.flatten(0, 1))
+    logits = model(ids[:, :-1], routing=routing)  # [B, T, V]
     return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
 
 
+def random_record(cfg: ModelConfig, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T, L, k]: distinct experts at random for every input token and MoE layer; every fifth token unrecorded."""
+    moe_layers = sum(map(cfg.is_moe_layer, range(cfg.num_hidden_layers)))
+    b, t = ids[:, :-1].shape
+    scores = torch.rand(b, t, moe_layers, cfg.n_routed_experts, generator=torch.Generator().manual_seed(2))
+    record = scores.argsort(-1)[..., :cfg.num_experts_per_tok]
+    record.view(b * t, moe_layers, -1)[::5] = NO_RECORD
+    return record
+
+
 def check_step(rank: int, world: int, kind: str, dims_kw: dict, ac: str = "none", tol: float = 1e-5,
-               first_half_only: bool = False) -> None:
+               first_half_only: bool = False, replay: bool = False) -> None:
     """`first_half_only`: the selection bias routes every token to the first half of the experts, so
-    that under ep=2 the second rank's experts receive no rows."""
+    that under ep=2 the second rank's experts receive no rows. `replay`: routing replay (module docstring)."""
     dims = ParallelDims(world, **dims_kw)
     dims.build_mesh("cpu")
     cfg = tiny_config(kind)
@@ -71,11 +85,17 @@ def check_step(rank: int, world: int, kind: str, dims_kw: dict, ac: str = "none"
     parallelize(model, dims, SimpleNamespace(activation_checkpointing=ac))
 
     ids = batch(cfg)
-    local = ids.chunk(dims.dp_size)[dims.rank("dp")]
-    loss = loss_of(model, local)
+    record = random_record(cfg, ids) if replay else None
+    share = dims.rank("dp")
+    local = ids.chunk(dims.dp_size)[share]
+    loss = loss_of(model, local, None if record is None else record.chunk(dims.dp_size)[share])
     loss.backward()
-    ref_loss = loss_of(ref, ids)
+    ref_loss = loss_of(ref, ids, record)
     ref_loss.backward()
+    if replay:  # the record is used: the logits move by far more than fp32 noise (measured: 3e-2)
+        with torch.no_grad():
+            moved = ref(ids[:, :-1]) - ref(ids[:, :-1], routing=Routing(replay=record.flatten(0, 1)))
+        assert float(moved.abs().max()) > 1e-3, "the replayed record should change the logits"
 
     mean = loss.detach().clone()
     dist.all_reduce(mean, group=dims.mesh("dp").get_group())

@@ -164,6 +164,19 @@ def test_tensor_and_expert_parallel_match_one_process(straight, tmp_path, layout
     _assert_distributed_checkpoint(tmp_path)
 
 
+@pytest.mark.slow
+def test_routing_replay_under_expert_parallel_matches_one_process(tmp_path):
+    # The engines' routing records travel with the gathered rollouts and the sharded batch; every rank's
+    # policy passes replay them (algo.routing_replay).
+    replay = ("train.steps=8", "algo.routing_replay=true")
+    _run(tmp_path / "one", 1, *replay)
+    _run(tmp_path / "split", 1, *replay, SPLIT)
+    _run(tmp_path / "ep2", 2, *replay, "parallel.ep=2")
+    one = _rows(tmp_path / "one")
+    assert len({row["reward/mean"] for row in one}) > 1, "the reward should move, or the test compares nothing"
+    _assert_same(one, _rows(tmp_path / "ep2"), _order_noise(one, _rows(tmp_path / "split")))
+
+
 def test_megatron_backend_two_processes_match_one(tmp_path):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install r1mega[megatron])")
     # 20 tokens: one sample (a 9-token prompt and 8 new tokens at most) per micro-batch, so 8 per

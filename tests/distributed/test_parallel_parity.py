@@ -26,6 +26,16 @@ def test_ep2_over_fsdp():
     run_world(check_step, 2, "mla_moe", {"dp_shard": 2, "ep": 2})
 
 
+def test_ep2_routing_replay():
+    # The replayed experts, not the router's, decide which rank computes a token's rows.
+    run_world(check_step, 2, "mla_moe", {"dp_shard": 2, "ep": 2}, "none", 1e-5, False, True)
+
+
+@pytest.mark.slow
+def test_tp2_ep2_routing_replay():
+    run_world(check_step, 2, "mla_moe", {"tp": 2, "ep": 2}, "none", 1e-5, False, True)
+
+
 def test_ep2_with_experts_that_receive_no_rows():
     # The second rank's experts get no token: it must still join the backward's collectives.
     run_world(check_step, 2, "mla_moe", {"dp_shard": 2, "ep": 2}, "none", 1e-5, True)

@@ -1,7 +1,7 @@
 """megatron-core on the CPU (tests/megatron_cpu_parity.py, in a subprocess: it shims megatron's CUDA
 allocations, which the package never does) against the native model on the same weights: logits for
-every architecture; the trainer's path through `MegatronPolicy`; and GRPO steps of the trainer with
-`model.backend=megatron` against `model.backend=native`."""
+every architecture; the trainer's path through `MegatronPolicy`, routing replay included; and GRPO
+steps of the trainer with `model.backend=megatron` against `model.backend=native`."""
 
 import json
 import socket
@@ -54,6 +54,14 @@ def test_megatron_policy_trains_like_the_native_model():
         # an SGD step of lr 0.1 on equal gradients, and an expert-bias step of 0.01 on equal loads
         assert row["weights_diff"] <= 1e-6, row
     assert rows[0]["bias_moved"]  # the MoE model's expert bias was updated
+
+
+def test_megatron_policy_replays_routing_like_the_native_model():
+    # One random routing record replayed by both (R3) on a micro-batch whose samples share prompts:
+    # DeepSeek-V3's sigmoid router with group-limited top-k, Qwen3-MoE's softmax one.
+    for row in run_parity("replay:deepseek_v3", "replay:qwen3_moe"):
+        assert row["hidden_diff"] <= 1e-5 and row["loss_diff"] <= 1e-6 and row["grad_norm_rel_diff"] <= 1e-5, row
+        assert row["replay_moved"] > 1e-3, row  # the record, not megatron's own top-k, routed
 
 
 def test_trainer_with_megatron_backend_matches_native_steps():

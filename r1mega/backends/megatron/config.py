@@ -12,7 +12,8 @@ megatron model compute what the native `Transformer` computes:
 - MoE: `moe_layer_freq` lists exactly the layers `ModelConfig.is_moe_layer` makes sparse; DeepSeek-V3's
   sigmoid router with expert bias (aux-loss free, no aux loss), group-limited top-k and
   `routed_scaling_factor`; Qwen3-MoE's softmax top-k (`moe_router_pre_softmax` when the top-k weights
-  are not renormalised); shared experts of n_shared_experts * moe_intermediate_size; router in fp32.
+  are not renormalised); shared experts of n_shared_experts * moe_intermediate_size; router in fp32;
+  routing replay available (`moe_enable_routing_replay`, used by policy.py only when asked).
 Configurations megatron-core cannot reproduce exactly raise `ConfigError` naming the key.
 
 Deliberately left out: pipeline and context parallelism, FP8, activation recomputation settings,
@@ -75,7 +76,9 @@ def _moe_kwargs(cfg: ModelConfig, parallel: ParallelConfig, use_te: bool) -> dic
         moe_token_dispatcher_type="alltoall" if parallel.expert_parallel > 1 else "allgather", moe_grouped_gemm=use_te,
         moe_router_topk_scaling_factor=cfg.routed_scaling_factor if cfg.routed_scaling_factor != 1.0 else None,
         moe_shared_expert_intermediate_size=(cfg.n_shared_experts * cfg.moe_intermediate_size
-                                             if cfg.n_shared_experts else None))
+                                             if cfg.n_shared_experts else None),
+        # each router gets a RouterReplay, idle (its own top-k) unless MegatronPolicy replays a record
+        moe_enable_routing_replay=True)
     if cfg.scoring_func == "sigmoid":
         # megatron always renormalises sigmoid top-k weights when k > 1, and never when k == 1
         _need(cfg.norm_topk_prob and k > 1, "norm_topk_prob", cfg.norm_topk_prob,

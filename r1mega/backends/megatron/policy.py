@@ -7,6 +7,11 @@ What the GRPO trainer asks of its policy, and how each is answered here:
   causal, so padding after a sequence never reaches it), shared prompts copied into every row that
   reads them (its routers then count them once per sequence, as the native model's `repeats` do), and
   each stored token takes the hidden state of the first row that reads it;
+- `routing` (models/routing.py) with a replay: megatron-core's own router replay (`RouterReplay`, each
+  router's top-k replaced by the record, its own scores at those experts as the weights: R3), the
+  record laid out as the rows are; a token the record does not cover (a response's last, never fed to
+  the engine, whose output no logprob reads) routes to experts 0..k-1 and is left out of the load
+  counts, as padding is. It replays only: `chosen` stays empty;
 - `output_weight`: this rank's vocabulary shard of the output matrix, for the fused loss ops;
 - `config` (the r1mega ModelConfig), `parameters()`, `state_dict()` (megatron names) for the
   optimizer and checkpoints;
@@ -31,6 +36,7 @@ from r1mega.backends.megatron.loss import hidden_states, output_weight
 from r1mega.backends.megatron.model import native_weights
 from r1mega.models.balance import bias_step, load_stats
 from r1mega.models.config import ModelConfig
+from r1mega.models.routing import NO_RECORD, Routing
 from r1mega.models.shared_prefix import SharedPrefixRow
 
 
@@ -54,24 +60,63 @@ class MegatronPolicy(nn.Module):
         return output_weight(self.model)
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                shared: SharedPrefixRow | None = None, return_hidden: bool = False) -> torch.Tensor:
+                shared: SharedPrefixRow | None = None, routing: Routing | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> final-normed hidden states [B, T, H]; `shared` as Transformer's (its
-        sequences start at position 0, so position_ids add nothing here)."""
+        sequences start at position 0, so position_ids add nothing here); `routing`: a record to replay."""
         if not return_hidden:
             raise ValueError("MegatronPolicy returns hidden states only (return_hidden=True): the loss ops "
                              "apply the vocabulary-parallel output layer themselves")
-        if shared is None:
+        if routing is not None and routing.replay is None:
+            raise ValueError("MegatronPolicy replays a routing record but does not record its own routing")
+        if shared is None and routing is None:
             return hidden_states(self.model, input_ids)
+        if shared is None:
+            b, t = input_ids.shape
+            uncounted = torch.zeros(b, t, dtype=torch.bool, device=input_ids.device)
+            with self._replaying(routing.replay.view(b, t, *routing.replay.shape[1:]), uncounted), \
+                    self._padding_not_counted(uncounted):
+                return hidden_states(self.model, input_ids)
         width = max(e - s for s, e in shared.spans)
         padded = input_ids.new_zeros(len(shared.spans), width)
         padding = torch.ones(len(shared.spans), width, dtype=torch.bool, device=input_ids.device)
+        laid = None if routing is None else routing.replay[shared.expand]  # [N, L, k], sequences end to end
+        record = None if laid is None else laid.new_full((len(shared.spans), width, *laid.shape[1:]), NO_RECORD)
         for i, (s, e) in enumerate(shared.spans):
             padded[i, :e - s] = input_ids[0, shared.expand[s:e]]
             padding[i, :e - s] = False
-        with self._padding_not_counted(padding):
+            if record is not None:
+                record[i, :e - s] = laid[s:e]
+        uncounted = padding.clone()  # and, when replaying, the tokens without a record
+        with self._replaying(record, uncounted), self._padding_not_counted(uncounted):
             hidden = hidden_states(self.model, padded)  # [sequences, width, H]
         laid_out = hidden[~padding]  # [sum of sequence lengths, H], the sequences end to end
         return laid_out[shared.first_read][None]
+
+    @contextlib.contextmanager
+    def _replaying(self, record: torch.Tensor | None, uncounted: torch.Tensor):
+        """Within the block every MoE router routes token (b, t) to record [B, T, L, k][b, t, l]; tokens
+        without a record are marked in `uncounted` [B, T] (in place) and sent to experts 0..k-1."""
+        if record is None:
+            yield
+            return
+        from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+        missing = (record == NO_RECORD).flatten(2).any(-1)  # [B, T]
+        uncounted |= missing
+        record = torch.where(missing[..., None, None], torch.arange(record.shape[-1], device=record.device), record)
+        replays = [m.router_replay for m in self.model.modules() if getattr(m, "router_replay", None) is not None]
+        if len(replays) != record.shape[2]:
+            raise ValueError(f"a routing record of {record.shape[2]} MoE layers for a model of {len(replays)}")
+        for layer, replay in enumerate(replays):
+            replay.set_target_indices(record[:, :, layer].transpose(0, 1).reshape(-1, record.shape[-1]).long())
+            replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)  # megatron's token order: [T, B]
+        try:
+            yield
+        finally:
+            for replay in replays:
+                replay.clear_indices()
+                replay.clear_router_replay_action()
 
     @contextlib.contextmanager
     def _padding_not_counted(self, padding: torch.Tensor):
