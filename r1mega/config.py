@@ -106,6 +106,22 @@ class RolloutConfig:
 
 
 @dataclass
+class CorrectionConfig:
+    """Rollout correction (r1mega/ops/rollout_correction.py): the engine's samples reweighted or dropped
+    where pi_old (the trainer's) and pi_engine disagree. Off by default, as in the paper's recipe; any of
+    it makes the trainer compute old logprobs before the loss, on-policy too."""
+
+    # Truncated importance sampling of the policy term: "none", "token" (w = min(rho_t, cap)) or
+    # "sequence" (w = min(prod_t rho_t, cap)); rho = pi_old / pi_engine.
+    weights: str = "none"
+    weight_cap: float = 2.0
+    # Masked IS: "none", "token" (tokens with rho outside [1/threshold, threshold] leave the loss),
+    # "sequence" (whole sequences, by prod_t rho_t) or "geometric" (by exp(mean_t log rho_t)).
+    mask: str = "none"
+    mask_threshold: float = 2.0
+
+
+@dataclass
 class AlgoConfig:
     # Batch sizes count questions (prompts), as verl's do. Each rollout generates `train_batch_size`
     # questions x `group_size` samples, split at random into mini-batches of `ppo_mini_batch_size`
@@ -141,6 +157,21 @@ class AlgoConfig:
     token_budget: int = 16384  # tokens per micro-batch after packing
     expert_bias_rate: float = 0.001
     max_nan_steps: int = 3  # optimizer steps in a row skipped for a NaN/inf loss or gradient stop the run
+    # What is beside the paper's GRPO (presets in conf/algo/: dapo, gspo, rloo, reinforce_pp); the defaults are
+    # the paper's. Advantages: "grpo" (group mean/std), "rloo" (leave-one-out), "reinforce_pp" (batch-whitened
+    # rewards), "reinforce_pp_baseline" (group mean removed, then batch-whitened): r1mega/ops/outcome_advantages.py.
+    advantage: str = "grpo"
+    # "token" (PPO's per-token ratio) or "sequence" (GSPO's length-normalised sequence ratio).
+    ratio: str = "token"
+    # DAPO's dynamic sampling: groups whose rewards (before the length penalty) are all equal are dropped and
+    # more questions generated, for at most `max_sampling_rounds` generation rounds a rollout.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    # DAPO's overlong shaping: the last `overlong_buffer` share of max_new_tokens costs up to
+    # `overlong_penalty` reward, linearly (r1mega/rewards/overlong.py); 0: off.
+    overlong_buffer: float = 0.0
+    overlong_penalty: float = 1.0
+    correction: CorrectionConfig = field(default_factory=CorrectionConfig)
 
 
 @dataclass

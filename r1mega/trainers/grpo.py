@@ -10,6 +10,11 @@ an evaluation, a reference reset when the rollout's steps reach a multiple of th
 changes with the step (learning rate, max_new_tokens) takes its value at the rollout's first step.
 The maths lives in r1mega.ops; this file is the order.
 
+Beside the paper's GRPO (algo.* of r1mega/config.py, picked in trainers/algorithms.py; all off by default):
+DAPO's dynamic sampling (more generation rounds until the batch's groups have varied rewards) and
+overlong shaping, RLOO and REINFORCE++ advantages, GSPO's sequence ratio, and rollout correction
+(importance weights and masks from the engine's logprobs against the trainer's old ones).
+
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
 generates and scores its share of the questions, the rollouts are gathered, each rank runs its share of
 every mini-batch on the FSDP-sharded policy (DDP-replicated with model.backend=megatron), and the
@@ -27,18 +32,19 @@ import time
 import torch
 
 from r1mega.config import Config
-from r1mega.ops.group_advantages import group_advantages
 from r1mega.parallel import dist_checkpoint
 from r1mega.parallel.launch import fail, shutdown
-from r1mega.rewards import ScoringPool
+from r1mega.rewards import ScoreResult, ScoringPool
 from r1mega.rewards.sandbox import allow_isolation
 from r1mega.rollout.engine import SamplingParams, raise_refused
 from r1mega.trainers import checkpoint
+from r1mega.trainers.algorithms import advantages, check_algo, correct_rollouts, corrects_rollouts, shaped_rewards
 from r1mega.trainers.components import (
     build_engine, build_policy, build_prompt_sets, build_tokenizer, longest_sequence, pick_device,
 )
 from r1mega.trainers.cpu_kernels import pin_cpu_kernels
 from r1mega.trainers.data_parallel import DataParallel
+from r1mega.trainers.dynamic_sampling import collect_groups
 from r1mega.trainers.evaluate import eval_metrics, generate_and_score, held_out_report, rollout_metrics
 from r1mega.trainers.metrics import MetricsLogger
 from r1mega.trainers.plots import plot_metrics
@@ -59,6 +65,7 @@ class GRPOTrainer:
         the data config's training set (the pipeline's stage 4); the engine is sized for all its rows."""
         self.cfg, algo = cfg, cfg.algo
         self.steps_per_rollout = steps_per_rollout(algo)
+        check_algo(algo)
         if algo.ref_reset_every % self.steps_per_rollout:
             raise ValueError(f"algo.ref_reset_every={algo.ref_reset_every} must be a multiple of the steps of a "
                              f"rollout ({self.steps_per_rollout}: algo.inner_epochs * algo.train_batch_size / "
@@ -112,17 +119,14 @@ class GRPOTrainer:
         if steps <= 0:
             raise RuntimeError(f"train.steps={cfg.train.steps} already reached")
         sampling = self.sampling()
-        started = time.perf_counter()
-        rows = self.dp.local(self.prompts.take(algo.train_batch_size))  # every rank draws all, keeps its share
-        groups = self.engine.generate([self.tokenizer.encode(r["prompt"]) for r in rows], sampling)
-        raise_refused(groups, rows)
-        samples = [sample for group in groups for sample in group]
-        sample_rows = [row for row in rows for _ in range(algo.group_size)]
-        timings["time/rollout"] = time.perf_counter() - started
+        timings["time/rollout"] = 0.0
+        samples, scores, sampling_stats = self._rollouts(sampling, timings)
         self.engine.release_memory()  # the KV cache is not needed while the trainer runs
 
-        samples, scores = self.dp.gather(samples, self.scorer.score([s.text for s in samples], sample_rows))
-        batch = self.dp.shard(RolloutBatch.from_samples(samples, torch.as_tensor(scores.rewards, dtype=torch.float32)))
+        lengths = torch.tensor([len(s.token_ids) for s in samples])
+        rewards, shaping_stats = shaped_rewards(torch.as_tensor(scores.rewards, dtype=torch.float32), lengths, algo,
+                                                sampling.max_new_tokens)
+        batch = self.dp.shard(RolloutBatch.from_samples(samples, rewards))
         started = time.perf_counter()
         on_policy = is_on_policy(algo)
         if not on_policy:  # else the loss pass takes its own, detached (policy_update.py)
@@ -135,8 +139,8 @@ class GRPOTrainer:
             rewards = rewards - algo.beta * kl
             kl_stats = {"train/kl": float(kl.sum() / batch.mask.sum().clamp(min=1)),
                         "reward/kl_penalty": float(algo.beta * kl.mean())}
-        batch.advantages = group_advantages(rewards, group_size=algo.group_size, eps=algo.adv_eps,
-                                            scale_by_std=algo.scale_by_std)
+        batch.advantages = advantages(rewards, batch.mask, algo)
+        correction_stats = correct_rollouts(batch, algo.correction) if corrects_rollouts(algo) else {}
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(self.step)
         stats = self.dp.sum_stats(update_policy(self.policy, self.optimizer, batch, algo,
@@ -161,7 +165,43 @@ class GRPOTrainer:
         if _reached(algo.ref_reset_every, before, self.step):
             reset_reference(self.reference, self.policy)
         return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats, **kl_stats,
-                **expert_stats, **timings, "lr": self.lr(self.step)}
+                **sampling_stats, **shaping_stats, **correction_stats, **expert_stats, **timings, "lr": self.lr(self.step)}
+
+    def _rollouts(self, sampling: SamplingParams, timings: dict[str, float]):
+        """(samples, their scores, metrics) of `train_batch_size` questions' groups, gathered from every
+        rank, group after group; with algo.dynamic_sampling, the groups DAPO keeps (dynamic_sampling.py)."""
+        algo = self.cfg.algo
+        if not algo.dynamic_sampling:
+            return (*self._generate_round(sampling, timings), {})
+        rounds = []  # (samples, scores) of each generation round
+
+        def generate(round_index: int):
+            # Another seed for each extra round: a question drawn again must not repeat its samples.
+            seeded = dataclasses.replace(sampling, seed=sampling.seed + (round_index << 32))
+            first = sum(len(part) for part, _ in rounds) // algo.group_size
+            rounds.append(self._generate_round(seeded, timings))
+            part, scores = rounds[-1]
+            return list(range(first, first + len(part) // algo.group_size)), torch.tensor(scores.rewards)
+
+        chosen, stats = collect_groups(generate, batch_size=algo.train_batch_size, group_size=algo.group_size,
+                                       max_rounds=algo.max_sampling_rounds)
+        samples = [sample for part, _ in rounds for sample in part]
+        index = [g * algo.group_size + i for g in chosen for i in range(algo.group_size)]
+        scores = ScoreResult.concat([part_scores for _, part_scores in rounds]).select(index)
+        return [samples[i] for i in index], scores, stats
+
+    def _generate_round(self, sampling: SamplingParams, timings: dict[str, float]):
+        """(samples, scores) of the next `train_batch_size` questions: every rank draws them all, generates
+        and scores its share; gathered in rank order. Adds the generation's time to time/rollout."""
+        algo = self.cfg.algo
+        started = time.perf_counter()
+        rows = self.dp.local(self.prompts.take(algo.train_batch_size))
+        groups = self.engine.generate([self.tokenizer.encode(r["prompt"]) for r in rows], sampling)
+        raise_refused(groups, rows)
+        samples = [sample for group in groups for sample in group]
+        sample_rows = [row for row in rows for _ in range(algo.group_size)]
+        timings["time/rollout"] += time.perf_counter() - started
+        return self.dp.gather(samples, self.scorer.score([s.text for s in samples], sample_rows))
 
     def _logprobs(self, model, batch) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""
