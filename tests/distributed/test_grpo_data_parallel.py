@@ -1,7 +1,8 @@
 """GRPO under torchrun: 2 processes give the metrics of 1 process with the same global batch, data
 parallel (FSDP2), tensor parallel (tp=2) or expert parallel (ep=2 over FSDP2), or with the policy as a
 megatron-core GPTModel replicated by DDP (model.backend=megatron), and a run stopped at a checkpoint
-resumes to the same metrics, under torchrun or in one process.
+resumes to the same metrics, under torchrun or in one process; DAPO's dynamic sampling with rollout
+correction too.
 
 Every run goes through `train(cfg)` as r1mega-train does (grpo_worker.py adds a reward a random model
 can earn) on the default tiny DeepSeek-V3 model (MLA, MoE with 8 routed experts); the 2-process runs
@@ -66,6 +67,8 @@ ARGS = ["model.init=random", "data.train_size=64", "data.test_size=6", "algo.tra
         "rollout.max_new_tokens=[[0,8]]", "train.cpu_threads=1", "train.progress=false", "train.tensorboard=false",
         "train.eval_every=8", "train.save_every=4", "train.eval_max_new_tokens=null", "data.hard_difficulty=null"]
 TIMING = ("time/", "throughput/", "reward/score_time_s")
+# Metrics of the engine's logprobs against the trainer's: a few fp32 ulps apart between generation batches.
+ENGINE_LOGPROBS = ("rollout/logprob_mismatch", "rollout/mismatch_kl", "correction/")
 
 
 def _run(out_dir: Path, processes: int, *extra: str, worker: str = WORKER) -> None:
@@ -120,9 +123,9 @@ def _assert_same(expected: list[dict], got: list[dict], noise: tuple[float, floa
     for want, row in zip(expected, got):
         assert set(row) == set(want), set(row) ^ set(want)
         for key, value in want.items():
-            if exact or not key.startswith(("train/", "rollout/logprob_mismatch")):
+            if exact or not key.startswith(("train/", *ENGINE_LOGPROBS)):
                 ok = row[key] == value
-            elif key.startswith("rollout/"):
+            elif key.startswith(ENGINE_LOGPROBS):
                 ok = math.isclose(row[key], value, rel_tol=0, abs_tol=1e-5)
             elif key == "train/loss":
                 ok = math.isclose(row[key], value, rel_tol=0, abs_tol=loss)
@@ -162,6 +165,17 @@ def test_tensor_and_expert_parallel_match_one_process(straight, tmp_path, layout
     one = _rows(straight / "one")
     _assert_same(one, _rows(tmp_path), _order_noise(one, _rows(straight / "split")))
     _assert_distributed_checkpoint(tmp_path)
+
+
+def test_dapo_with_rollout_correction_two_processes_match_one(straight, tmp_path):
+    # Dynamic sampling's rounds draw, generate and gather on every rank in step, and every rank keeps the same
+    # groups; the correction's weights and masks come from the gathered batch.
+    dapo = ("train.steps=8", "algo=dapo", "algo.correction.weights=token", "algo.correction.mask=sequence")
+    _run(tmp_path / "one", 1, *dapo)
+    _run(tmp_path / "two", 2, *dapo)
+    one = _rows(tmp_path / "one")
+    assert any(row["dynamic_sampling/rounds"] > 1 for row in one), "no round was refilled: the test compares less"
+    _assert_same(one, _rows(tmp_path / "two"), _order_noise(_rows(straight / "one"), _rows(straight / "split")))
 
 
 def test_megatron_backend_two_processes_match_one(tmp_path):
