@@ -13,7 +13,9 @@ The maths lives in r1mega.ops; this file is the order.
 Beside the paper's GRPO (algo.* of r1mega/config.py, picked in trainers/algorithms.py; all off by default):
 DAPO's dynamic sampling (more generation rounds until the batch's groups have varied rewards) and
 overlong shaping, RLOO and REINFORCE++ advantages, GSPO's sequence ratio, and rollout correction
-(importance weights and masks from the engine's logprobs against the trainer's old ones).
+(importance weights and masks from the engine's logprobs against the trainer's old ones). With
+rollout.staleness = s > 0 the rollouts are generated s weight updates ahead, beside the training
+(rollout_queue.py): the engine keeps its KV cache then, since it generates while the trainer trains.
 
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
 generates and scores its share of the questions, the rollouts are gathered, each rank runs its share of
@@ -56,6 +58,7 @@ from r1mega.trainers.policy_update import (
 )
 from r1mega.trainers.prompts import PromptStream
 from r1mega.trainers.rollout_batch import RolloutBatch
+from r1mega.trainers.rollout_queue import RolloutQueue
 from r1mega.trainers.schedule import lr_factor, value_at
 
 
@@ -66,6 +69,9 @@ class GRPOTrainer:
         self.cfg, algo = cfg, cfg.algo
         self.steps_per_rollout = steps_per_rollout(algo)
         check_algo(algo)
+        if cfg.rollout.staleness < 0 or (cfg.rollout.staleness > 0 and algo.dynamic_sampling):
+            raise ValueError(f"rollout.staleness={cfg.rollout.staleness} must be >= 0, and 0 with "
+                             "algo.dynamic_sampling=true (its rounds gather between generations)")
         if algo.ref_reset_every % self.steps_per_rollout:
             raise ValueError(f"algo.ref_reset_every={algo.ref_reset_every} must be a multiple of the steps of a "
                              f"rollout ({self.steps_per_rollout}: algo.inner_epochs * algo.train_batch_size / "
@@ -92,6 +98,8 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
                                            weight_decay=algo.weight_decay)
         self.shuffle = random.Random(cfg.train.seed)
+        self.ahead = RolloutQueue(cfg.rollout.staleness, lambda index: self._generation(self.sampling(index)),
+                                  self._gathered) if cfg.rollout.staleness > 0 else None
         self.step, self.rollout, self.nan_streak = 0, 0, 0  # optimizer steps and rollouts done
         if cfg.train.resume:
             self._resume()
@@ -99,13 +107,16 @@ class GRPOTrainer:
                                     tensorboard=cfg.train.tensorboard,
                                     wandb_project=cfg.train.wandb_project) if self.dp.is_main else None
 
-    def sampling(self) -> SamplingParams:
-        """The next rollout's: its length is the schedule's at its first step, its seed the rollout's."""
+    def sampling(self, index: int | None = None) -> SamplingParams:
+        """Rollout `index`'s (default: the next one): its length is the schedule's at its first step, its seed
+        the rollout's."""
         rollout = self.cfg.rollout
+        first_step = self.step if index is None else index * self.steps_per_rollout
+        index = self.rollout if index is None else index
         return SamplingParams(
             n=self.cfg.algo.group_size, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-            max_new_tokens=value_at(rollout.max_new_tokens, self.step), stop_token_ids=[self.tokenizer.eos_token_id],
-            seed=self.cfg.train.seed * 1_000_003 + self.rollout)
+            max_new_tokens=value_at(rollout.max_new_tokens, first_step), stop_token_ids=[self.tokenizer.eos_token_id],
+            seed=self.cfg.train.seed * 1_000_003 + index)
 
     def lr(self, step: int) -> float:
         cfg = self.cfg
@@ -118,10 +129,14 @@ class GRPOTrainer:
         steps = min(self.steps_per_rollout, cfg.train.steps - self.step)
         if steps <= 0:
             raise RuntimeError(f"train.steps={cfg.train.steps} already reached")
-        sampling = self.sampling()
-        timings["time/rollout"] = 0.0
-        samples, scores, sampling_stats = self._rollouts(sampling, timings)
-        self.engine.release_memory()  # the KV cache is not needed while the trainer runs
+        if self.ahead is None:
+            sampling = self.sampling()
+            timings["time/rollout"] = 0.0
+            samples, scores, sampling_stats = self._rollouts(sampling, timings)
+            generation_s = timings["time/rollout"]
+            self.engine.release_memory()  # the KV cache is not needed while the trainer runs
+        else:  # generated while earlier rollouts trained; the next one starts now (rollout_queue.py)
+            (sampling, samples, scores, generation_s), sampling_stats = self.ahead.take(self.rollout), {}
 
         lengths = torch.tensor([len(s.token_ids) for s in samples])
         rewards, shaping_stats = shaped_rewards(torch.as_tensor(scores.rewards, dtype=torch.float32), lengths, algo,
@@ -154,13 +169,15 @@ class GRPOTrainer:
         self.dp.sum_expert_load(self.policy)
         expert_stats = expert_load_stats(self.policy)  # the load the bias update acts on
         update_expert_bias(self.policy, algo.expert_bias_rate)
+        if self.ahead is not None:
+            timings.update(self.ahead.wait())  # the engine's weights change only between generations
         started = time.perf_counter()
         before, self.step, self.rollout = self.step, self.step + steps, self.rollout + 1
         self.engine.update_weights(engine_weights(self.policy), version=self.step)  # collective
         self.engine.resume_memory()
         timings["time/weight_sync"] = time.perf_counter() - started
         generated = float(batch.mask.sum())
-        timings["throughput/rollout_tokens_per_s"] = generated / timings["time/rollout"]
+        timings["throughput/rollout_tokens_per_s"] = generated / generation_s
         timings["throughput/train_tokens_per_s"] = (generated + sum(map(len, batch.prompt_ids))) / timings["time/train"]
         if _reached(algo.ref_reset_every, before, self.step):
             reset_reference(self.reference, self.policy)
@@ -191,17 +208,35 @@ class GRPOTrainer:
         return [samples[i] for i in index], scores, stats
 
     def _generate_round(self, sampling: SamplingParams, timings: dict[str, float]):
-        """(samples, scores) of the next `train_batch_size` questions: every rank draws them all, generates
-        and scores its share; gathered in rank order. Adds the generation's time to time/rollout."""
+        """(samples, scores) of the next `train_batch_size` questions, gathered; adds the generation's time
+        to time/rollout."""
+        _, samples, scores, seconds = self._gathered(self._generation(sampling)())
+        timings["time/rollout"] += seconds
+        return samples, scores
+
+    def _generation(self, sampling: SamplingParams):
+        """Draws the next `train_batch_size` questions (every rank draws them all and keeps its share) and
+        returns the job that generates and scores them: () -> (sampling, samples, scores, generation
+        seconds) of this rank, with no collective (it may run on the rollout queue's thread)."""
         algo = self.cfg.algo
-        started = time.perf_counter()
         rows = self.dp.local(self.prompts.take(algo.train_batch_size))
-        groups = self.engine.generate([self.tokenizer.encode(r["prompt"]) for r in rows], sampling)
-        raise_refused(groups, rows)
-        samples = [sample for group in groups for sample in group]
-        sample_rows = [row for row in rows for _ in range(algo.group_size)]
-        timings["time/rollout"] += time.perf_counter() - started
-        return self.dp.gather(samples, self.scorer.score([s.text for s in samples], sample_rows))
+        prompts = [self.tokenizer.encode(r["prompt"]) for r in rows]
+
+        def job():
+            started = time.perf_counter()
+            groups = self.engine.generate(prompts, sampling)
+            raise_refused(groups, rows)
+            samples = [sample for group in groups for sample in group]
+            seconds = time.perf_counter() - started
+            sample_rows = [row for row in rows for _ in range(algo.group_size)]
+            return sampling, samples, self.scorer.score([s.text for s in samples], sample_rows), seconds
+
+        return job
+
+    def _gathered(self, result):
+        """A generation job's result with its samples and scores gathered from every rank, in rank order."""
+        sampling, samples, scores, seconds = result
+        return (sampling, *self.dp.gather(samples, scores), seconds)
 
     def _logprobs(self, model, batch) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""
@@ -267,6 +302,7 @@ class GRPOTrainer:
             "step": self.step, "rollout": self.rollout, "prompts": self.prompts.state_dict(),
             "shuffle": self.shuffle.getstate(), "nan_streak": self.nan_streak, "torch_rng": torch.get_rng_state(),
             "engine_version": self.engine.version,
+            "rollouts_ahead": self.ahead.state_dict() if self.ahead is not None else None,
         }
         if not self.dp.distributed:
             state.update(policy=self.policy.state_dict(), reference=self.reference.state_dict(),
@@ -304,6 +340,8 @@ class GRPOTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.engine.update_weights(engine_weights(self.policy), version=state["engine_version"])
         self.step, self.rollout = state["step"], state["rollout"]
+        if self.ahead is not None and state.get("rollouts_ahead") is not None:
+            self.ahead.load_state_dict(state["rollouts_ahead"])
         if self.dp.is_main:
             print(f"resumed from {path} at step {self.step}")
 
