@@ -106,6 +106,11 @@ class RolloutConfig:
     # weights of rollout k - staleness, generated in the background while rollout k - staleness trained
     # (1: one-step-off). In rollouts, i.e. engine weight updates. 0: synchronous, as the paper.
     staleness: int = 0
+    # Partial rollouts (r1mega/trainers/partial_rollouts.py): each generation gives every sample at most
+    # `partial_tokens` new tokens (0: off), and `partial_groups` questions beyond the batch stay in flight; a
+    # batch is the first train_batch_size questions to finish, the others continue in the next rollout.
+    partial_tokens: int = 0
+    partial_groups: int = 0
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
 
 

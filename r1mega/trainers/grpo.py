@@ -16,6 +16,8 @@ overlong shaping, RLOO and REINFORCE++ advantages, GSPO's sequence ratio, and ro
 (importance weights and masks from the engine's logprobs against the trainer's old ones). With
 rollout.staleness = s > 0 the rollouts are generated s weight updates ahead, beside the training
 (rollout_queue.py): the engine keeps its KV cache then, since it generates while the trainer trains.
+With rollout.partial_tokens > 0 generation runs in segments and unfinished questions are carried to the
+next rollout (partial_rollouts.py).
 
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
 generates and scores its share of the questions, the rollouts are gathered, each rank runs its share of
@@ -57,6 +59,7 @@ from r1mega.trainers.policy_update import (
     is_on_policy, sequence_kl, sequence_logprobs, steps_per_rollout, update_policy,
 )
 from r1mega.trainers.prompts import PromptStream
+from r1mega.trainers.partial_rollouts import PartialRollouts
 from r1mega.trainers.rollout_batch import RolloutBatch
 from r1mega.trainers.rollout_queue import RolloutQueue
 from r1mega.trainers.schedule import lr_factor, value_at
@@ -69,9 +72,7 @@ class GRPOTrainer:
         self.cfg, algo = cfg, cfg.algo
         self.steps_per_rollout = steps_per_rollout(algo)
         check_algo(algo)
-        if cfg.rollout.staleness < 0 or (cfg.rollout.staleness > 0 and algo.dynamic_sampling):
-            raise ValueError(f"rollout.staleness={cfg.rollout.staleness} must be >= 0, and 0 with "
-                             "algo.dynamic_sampling=true (its rounds gather between generations)")
+        _check_async(cfg.rollout, algo)
         if algo.ref_reset_every % self.steps_per_rollout:
             raise ValueError(f"algo.ref_reset_every={algo.ref_reset_every} must be a multiple of the steps of a "
                              f"rollout ({self.steps_per_rollout}: algo.inner_epochs * algo.train_batch_size / "
@@ -98,6 +99,13 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
                                            weight_decay=algo.weight_decay)
         self.shuffle = random.Random(cfg.train.seed)
+        rollout = cfg.rollout
+        if rollout.partial_groups % self.dp.size:
+            raise ValueError(f"rollout.partial_groups={rollout.partial_groups} must be a multiple of the "
+                             f"data-parallel degree {self.dp.size}: every rank keeps the same share in flight")
+        self.partial = PartialRollouts(self.engine, self.tokenizer, batch_size=algo.train_batch_size // self.dp.size,
+                                       extra=rollout.partial_groups // self.dp.size,
+                                       segment=rollout.partial_tokens) if rollout.partial_tokens > 0 else None
         self.ahead = RolloutQueue(cfg.rollout.staleness, lambda index: self._generation(self.sampling(index)),
                                   self._gathered) if cfg.rollout.staleness > 0 else None
         self.step, self.rollout, self.nan_streak = 0, 0, 0  # optimizer steps and rollouts done
@@ -136,7 +144,7 @@ class GRPOTrainer:
             generation_s = timings["time/rollout"]
             self.engine.release_memory()  # the KV cache is not needed while the trainer runs
         else:  # generated while earlier rollouts trained; the next one starts now (rollout_queue.py)
-            (sampling, samples, scores, generation_s), sampling_stats = self.ahead.take(self.rollout), {}
+            sampling, samples, scores, generation_s, sampling_stats = self.ahead.take(self.rollout)
 
         lengths = torch.tensor([len(s.token_ids) for s in samples])
         rewards, shaping_stats = shaped_rewards(torch.as_tensor(scores.rewards, dtype=torch.float32), lengths, algo,
@@ -189,14 +197,14 @@ class GRPOTrainer:
         rank, group after group; with algo.dynamic_sampling, the groups DAPO keeps (dynamic_sampling.py)."""
         algo = self.cfg.algo
         if not algo.dynamic_sampling:
-            return (*self._generate_round(sampling, timings), {})
+            return self._generate_round(sampling, timings)
         rounds = []  # (samples, scores) of each generation round
 
         def generate(round_index: int):
             # Another seed for each extra round: a question drawn again must not repeat its samples.
             seeded = dataclasses.replace(sampling, seed=sampling.seed + (round_index << 32))
             first = sum(len(part) for part, _ in rounds) // algo.group_size
-            rounds.append(self._generate_round(seeded, timings))
+            rounds.append(self._generate_round(seeded, timings)[:2])
             part, scores = rounds[-1]
             return list(range(first, first + len(part) // algo.group_size)), torch.tensor(scores.rewards)
 
@@ -208,35 +216,45 @@ class GRPOTrainer:
         return [samples[i] for i in index], scores, stats
 
     def _generate_round(self, sampling: SamplingParams, timings: dict[str, float]):
-        """(samples, scores) of the next `train_batch_size` questions, gathered; adds the generation's time
-        to time/rollout."""
-        _, samples, scores, seconds = self._gathered(self._generation(sampling)())
+        """(samples, scores, metrics) of the next `train_batch_size` questions, gathered; adds the
+        generation's time to time/rollout."""
+        _, samples, scores, seconds, stats = self._gathered(self._generation(sampling)())
         timings["time/rollout"] += seconds
-        return samples, scores
+        return samples, scores, stats
 
     def _generation(self, sampling: SamplingParams):
-        """Draws the next `train_batch_size` questions (every rank draws them all and keeps its share) and
-        returns the job that generates and scores them: () -> (sampling, samples, scores, generation
-        seconds) of this rank, with no collective (it may run on the rollout queue's thread)."""
+        """Draws the next `train_batch_size` questions (every rank draws them all and keeps its share; with
+        partial rollouts, those that top its pool up) and returns the job that generates and scores them:
+        () -> (sampling, samples, scores, generation seconds, metrics) of this rank, with no collective (it
+        may run on the rollout queue's thread)."""
         algo = self.cfg.algo
-        rows = self.dp.local(self.prompts.take(algo.train_batch_size))
+        count = algo.train_batch_size if self.partial is None else self.partial.need() * self.dp.size
+        rows = self.dp.local(self.prompts.take(count))
         prompts = [self.tokenizer.encode(r["prompt"]) for r in rows]
+        if self.partial is not None:
+            self.partial.add(rows, prompts, algo.group_size)
 
         def job():
-            started = time.perf_counter()
-            groups = self.engine.generate(prompts, sampling)
-            raise_refused(groups, rows)
+            started, stats = time.perf_counter(), {}
+            if self.partial is None:
+                groups, group_rows = self.engine.generate(prompts, sampling), rows
+                raise_refused(groups, rows)
+            else:
+                groups, group_rows, stats = self.partial.run(sampling)
             samples = [sample for group in groups for sample in group]
             seconds = time.perf_counter() - started
-            sample_rows = [row for row in rows for _ in range(algo.group_size)]
-            return sampling, samples, self.scorer.score([s.text for s in samples], sample_rows), seconds
+            sample_rows = [row for row in group_rows for _ in range(algo.group_size)]
+            return sampling, samples, self.scorer.score([s.text for s in samples], sample_rows), seconds, stats
 
         return job
 
     def _gathered(self, result):
-        """A generation job's result with its samples and scores gathered from every rank, in rank order."""
-        sampling, samples, scores, seconds = result
-        return (sampling, *self.dp.gather(samples, scores), seconds)
+        """A generation job's result with its samples and scores gathered from every rank, in rank order, and
+        its metrics averaged over ranks."""
+        sampling, samples, scores, seconds, stats = result
+        keys = sorted(stats)
+        means = self.dp.sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64)) / self.dp.size
+        return (sampling, *self.dp.gather(samples, scores), seconds, dict(zip(keys, means.tolist())))
 
     def _logprobs(self, model, batch) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""
@@ -304,6 +322,8 @@ class GRPOTrainer:
             "engine_version": self.engine.version,
             "rollouts_ahead": self.ahead.state_dict() if self.ahead is not None else None,
         }
+        if self.partial is not None and not self.dp.distributed:
+            state["partial_rollouts"] = self.partial.state_dict()
         if not self.dp.distributed:
             state.update(policy=self.policy.state_dict(), reference=self.reference.state_dict(),
                          optimizer=self.optimizer.state_dict())
@@ -313,6 +333,8 @@ class GRPOTrainer:
     def _save_shards(self, directory) -> None:
         dist_checkpoint.save(directory / "policy", self.policy, self.optimizer)
         dist_checkpoint.save(directory / "reference", self.reference)
+        if self.partial is not None:  # every rank's questions in flight are its own
+            torch.save(self.partial.state_dict(), directory / f"partial_rollouts_rank{torch.distributed.get_rank()}.pt")
 
     def _resume(self) -> None:
         path = checkpoint.latest(self.cfg.train.out_dir + "/checkpoints")
@@ -342,8 +364,27 @@ class GRPOTrainer:
         self.step, self.rollout = state["step"], state["rollout"]
         if self.ahead is not None and state.get("rollouts_ahead") is not None:
             self.ahead.load_state_dict(state["rollouts_ahead"])
+        if self.partial is not None:
+            shard = path / f"partial_rollouts_rank{torch.distributed.get_rank()}.pt" if self.dp.distributed else None
+            if shard is not None and not shard.is_file():
+                raise ValueError(f"{path} holds no {shard.name}: resume partial rollouts with the world size they "
+                                 "were saved with")
+            partial = torch.load(shard, weights_only=False) if shard is not None else state.get("partial_rollouts")
+            if partial is not None:
+                self.partial.load_state_dict(partial)
         if self.dp.is_main:
             print(f"resumed from {path} at step {self.step}")
+
+
+def _check_async(rollout, algo) -> None:
+    for key in ("staleness", "partial_tokens", "partial_groups"):
+        if getattr(rollout, key) < 0:
+            raise ValueError(f"rollout.{key}={getattr(rollout, key)} must be >= 0")
+    if algo.dynamic_sampling and (rollout.staleness > 0 or rollout.partial_tokens > 0):
+        raise ValueError("algo.dynamic_sampling=true needs rollout.staleness=0 and rollout.partial_tokens=0 "
+                         "(its rounds gather between generations)")
+    if rollout.partial_groups > 0 and rollout.partial_tokens == 0:
+        raise ValueError(f"rollout.partial_groups={rollout.partial_groups} needs rollout.partial_tokens > 0")
 
 
 def _reached(every: int, before: int, after: int) -> bool:
