@@ -250,11 +250,11 @@ class GRPOTrainer:
 
     def _gathered(self, result):
         """A generation job's result with its samples and scores gathered from every rank, in rank order, and
-        its metrics averaged over ranks."""
+        its metrics (counts) summed over ranks."""
         sampling, samples, scores, seconds, stats = result
         keys = sorted(stats)
-        means = self.dp.sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64)) / self.dp.size
-        return (sampling, *self.dp.gather(samples, scores), seconds, dict(zip(keys, means.tolist())))
+        totals = self.dp.sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64))
+        return (sampling, *self.dp.gather(samples, scores), seconds, dict(zip(keys, totals.tolist())))
 
     def _logprobs(self, model, batch) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""

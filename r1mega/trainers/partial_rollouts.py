@@ -71,9 +71,10 @@ class PartialRollouts:
         stop = StopChecker(*validate_stop(sampling.stop_token_ids, sampling.stop), self.tokenizer)
         groups = [[Sample(prompt_ids=q.prompt, token_ids=t, text=stop.finalize(t), logprobs=lp, finish_reason=r)
                    for t, lp, r in zip(q.tokens, q.logprobs, q.reasons)] for q in batch]
-        spans = [len(set(v)) > 1 for q in batch for v in q.versions]
+        spanning = sum(len(set(v)) > 1 for q in batch for v in q.versions)
+        # counts, which add up over data-parallel ranks
         metrics = {"partial/segments": float(segments), "partial/carried": float(len(self.pool)),
-                   "partial/multi_version_samples": sum(spans) / max(1, len(spans))}
+                   "partial/multi_version_samples": float(spanning)}
         return groups, [q.row for q in batch], metrics
 
     def _advance(self, sampling: SamplingParams, segment_index: int) -> None:

@@ -2,7 +2,7 @@
 parallel (FSDP2), tensor parallel (tp=2) or expert parallel (ep=2 over FSDP2), or with the policy as a
 megatron-core GPTModel replicated by DDP (model.backend=megatron), and a run stopped at a checkpoint
 resumes to the same metrics, under torchrun or in one process; DAPO's dynamic sampling with rollout
-correction, and one-step-off rollouts, too.
+correction, and one-step-off rollouts, too; partial rollouts resume under torchrun.
 
 Every run goes through `train(cfg)` as r1mega-train does (grpo_worker.py adds a reward a random model
 can earn) on the default tiny DeepSeek-V3 model (MLA, MoE with 8 routed experts); the 2-process runs
@@ -188,6 +188,19 @@ def test_one_step_off_two_processes_match_one(straight, tmp_path):
     assert one[1]["rollout/logprob_mismatch"] > 1e-4, "the second rollout's samples should be one update stale"
     _assert_same(one, _rows(tmp_path / "two"), _order_noise(_rows(straight / "one"), _rows(straight / "split")))
     _assert_distributed_checkpoint(tmp_path / "two")
+
+
+def test_partial_rollouts_resume_under_torchrun(tmp_path):
+    # Every rank keeps its own questions in flight (partial_rollouts_rank<r>.pt beside the shards): a run
+    # stopped at a checkpoint and resumed trains on the same carried questions as one never stopped.
+    partial = ("rollout.staleness=1", "rollout.partial_tokens=3", "rollout.partial_groups=2")
+    _run(tmp_path / "whole", 2, "train.steps=8", *partial)
+    _run(tmp_path / "cut", 2, "train.steps=4", *partial)
+    assert (tmp_path / "cut" / "checkpoints" / "step_4" / "partial_rollouts_rank1.pt").is_file()
+    _run(tmp_path / "cut", 2, "train.steps=8", "train.resume=true", *partial)
+    whole = _rows(tmp_path / "whole")
+    assert all(row["partial/carried"] == 2 for row in whole)
+    _assert_same(whole[2:], _rows(tmp_path / "cut")[2:], exact=True)
 
 
 def test_megatron_backend_two_processes_match_one(tmp_path):

@@ -59,7 +59,7 @@ def test_batches_are_the_first_finished_questions_and_the_rest_carry_on():
     carried = groups[0][0]  # question 3, sample 0: 2 tokens of version 0, then 1 of version 1
     assert carried.token_ids == [0, 0, 1] and carried.logprobs == [0.0, 0.0, -1.0] and carried.prompt_ids == [3]
     assert carried.finish_reason == "stop" and groups[0][1].token_ids == [10]
-    assert metrics["partial/multi_version_samples"] == 0.25
+    assert metrics["partial/multi_version_samples"] == 1  # of 4 samples
     # continuations: one request per unfinished sample (prompt + its tokens, n = 1, what the budget leaves)
     assert (3, 1, 2) in engine.calls and (3, 1, 2) in engine.calls and (1, 2, 2) in engine.calls
     assert [q.row for q in partial.pool] == [{"q": 1}, {"q": 5}]
