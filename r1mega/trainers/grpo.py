@@ -10,14 +10,10 @@ an evaluation, a reference reset when the rollout's steps reach a multiple of th
 changes with the step (learning rate, max_new_tokens) takes its value at the rollout's first step.
 The maths lives in r1mega.ops; this file is the order.
 
-Beside the paper's GRPO (algo.* of r1mega/config.py, picked in trainers/algorithms.py; all off by default):
-DAPO's dynamic sampling (more generation rounds until the batch's groups have varied rewards) and
-overlong shaping, RLOO and REINFORCE++ advantages, GSPO's sequence ratio, and rollout correction
-(importance weights and masks from the engine's logprobs against the trainer's old ones). With
-rollout.staleness = s > 0 the rollouts are generated s weight updates ahead, beside the training
-(rollout_queue.py): the engine keeps its KV cache then, since it generates while the trainer trains.
-With rollout.partial_tokens > 0 generation runs in segments and unfinished questions are carried to the
-next rollout (partial_rollouts.py).
+Beside the paper's GRPO, all off by default: DAPO's overlong shaping, RLOO and REINFORCE++ advantages,
+GSPO's sequence ratio and rollout correction (algo.*, picked in algorithms.py); where the samples come
+from, with DAPO's dynamic sampling, partial rollouts, or generated ahead while the trainer trains
+(rollout_source.py; the engine then keeps its KV cache, since it generates during training).
 
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
 generates and scores its share of the questions, the rollouts are gathered, each rank runs its share of
@@ -38,9 +34,9 @@ import torch
 from r1mega.config import Config
 from r1mega.parallel import dist_checkpoint
 from r1mega.parallel.launch import fail, shutdown
-from r1mega.rewards import ScoreResult, ScoringPool
+from r1mega.rewards import ScoringPool
 from r1mega.rewards.sandbox import allow_isolation
-from r1mega.rollout.engine import SamplingParams, raise_refused
+from r1mega.rollout.engine import SamplingParams
 from r1mega.trainers import checkpoint
 from r1mega.trainers.algorithms import advantages, check_algo, correct_rollouts, corrects_rollouts, shaped_rewards
 from r1mega.trainers.components import (
@@ -48,7 +44,6 @@ from r1mega.trainers.components import (
 )
 from r1mega.trainers.cpu_kernels import pin_cpu_kernels
 from r1mega.trainers.data_parallel import DataParallel
-from r1mega.trainers.dynamic_sampling import collect_groups
 from r1mega.trainers.evaluate import eval_metrics, generate_and_score, held_out_report, rollout_metrics
 from r1mega.trainers.metrics import MetricsLogger
 from r1mega.trainers.plots import plot_metrics
@@ -59,9 +54,8 @@ from r1mega.trainers.policy_update import (
     is_on_policy, sequence_kl, sequence_logprobs, steps_per_rollout, update_policy,
 )
 from r1mega.trainers.prompts import PromptStream
-from r1mega.trainers.partial_rollouts import PartialRollouts
 from r1mega.trainers.rollout_batch import RolloutBatch
-from r1mega.trainers.rollout_queue import RolloutQueue
+from r1mega.trainers.rollout_source import RolloutSource
 from r1mega.trainers.schedule import lr_factor, value_at
 
 
@@ -72,7 +66,6 @@ class GRPOTrainer:
         self.cfg, algo = cfg, cfg.algo
         self.steps_per_rollout = steps_per_rollout(algo)
         check_algo(algo)
-        _check_async(cfg.rollout, algo)
         if algo.ref_reset_every % self.steps_per_rollout:
             raise ValueError(f"algo.ref_reset_every={algo.ref_reset_every} must be a multiple of the steps of a "
                              f"rollout ({self.steps_per_rollout}: algo.inner_epochs * algo.train_batch_size / "
@@ -99,15 +92,8 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
                                            weight_decay=algo.weight_decay)
         self.shuffle = random.Random(cfg.train.seed)
-        rollout = cfg.rollout
-        if rollout.partial_groups % self.dp.size:
-            raise ValueError(f"rollout.partial_groups={rollout.partial_groups} must be a multiple of the "
-                             f"data-parallel degree {self.dp.size}: every rank keeps the same share in flight")
-        self.partial = PartialRollouts(self.engine, self.tokenizer, batch_size=algo.train_batch_size // self.dp.size,
-                                       extra=rollout.partial_groups // self.dp.size,
-                                       segment=rollout.partial_tokens) if rollout.partial_tokens > 0 else None
-        self.ahead = RolloutQueue(cfg.rollout.staleness, lambda index: self._generation(self.sampling(index)),
-                                  self._gathered) if cfg.rollout.staleness > 0 else None
+        self.rollouts = RolloutSource(cfg, self.engine, self.tokenizer, self.prompts, self.scorer, self.dp,
+                                      lambda index: self.sampling(index))
         self.step, self.rollout, self.nan_streak = 0, 0, 0  # optimizer steps and rollouts done
         if cfg.train.resume:
             self._resume()
@@ -137,14 +123,8 @@ class GRPOTrainer:
         steps = min(self.steps_per_rollout, cfg.train.steps - self.step)
         if steps <= 0:
             raise RuntimeError(f"train.steps={cfg.train.steps} already reached")
-        if self.ahead is None:
-            sampling = self.sampling()
-            timings["time/rollout"] = 0.0
-            samples, scores, sampling_stats = self._rollouts(sampling, timings)
-            generation_s = timings["time/rollout"]
-            self.engine.release_memory()  # the KV cache is not needed while the trainer runs
-        else:  # generated while earlier rollouts trained; the next one starts now (rollout_queue.py)
-            sampling, samples, scores, generation_s, sampling_stats = self.ahead.take(self.rollout)
+        sampling, samples, scores, generation_s, sampling_stats = self.rollouts.next(self.rollout)
+        timings["time/rollout"] = generation_s
 
         lengths = torch.tensor([len(s.token_ids) for s in samples])
         rewards, shaping_stats = shaped_rewards(torch.as_tensor(scores.rewards, dtype=torch.float32), lengths, algo,
@@ -177,8 +157,7 @@ class GRPOTrainer:
         self.dp.sum_expert_load(self.policy)
         expert_stats = expert_load_stats(self.policy)  # the load the bias update acts on
         update_expert_bias(self.policy, algo.expert_bias_rate)
-        if self.ahead is not None:
-            timings.update(self.ahead.wait())  # the engine's weights change only between generations
+        timings.update(self.rollouts.wait())  # the engine's weights change only between generations
         started = time.perf_counter()
         before, self.step, self.rollout = self.step, self.step + steps, self.rollout + 1
         self.engine.update_weights(engine_weights(self.policy), version=self.step)  # collective
@@ -191,70 +170,6 @@ class GRPOTrainer:
             reset_reference(self.reference, self.policy)
         return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats, **kl_stats,
                 **sampling_stats, **shaping_stats, **correction_stats, **expert_stats, **timings, "lr": self.lr(self.step)}
-
-    def _rollouts(self, sampling: SamplingParams, timings: dict[str, float]):
-        """(samples, their scores, metrics) of `train_batch_size` questions' groups, gathered from every
-        rank, group after group; with algo.dynamic_sampling, the groups DAPO keeps (dynamic_sampling.py)."""
-        algo = self.cfg.algo
-        if not algo.dynamic_sampling:
-            return self._generate_round(sampling, timings)
-        rounds = []  # (samples, scores) of each generation round
-
-        def generate(round_index: int):
-            # Another seed for each extra round: a question drawn again must not repeat its samples.
-            seeded = dataclasses.replace(sampling, seed=sampling.seed + (round_index << 32))
-            first = sum(len(part) for part, _ in rounds) // algo.group_size
-            rounds.append(self._generate_round(seeded, timings)[:2])
-            part, scores = rounds[-1]
-            return list(range(first, first + len(part) // algo.group_size)), torch.tensor(scores.rewards)
-
-        chosen, stats = collect_groups(generate, batch_size=algo.train_batch_size, group_size=algo.group_size,
-                                       max_rounds=algo.max_sampling_rounds)
-        samples = [sample for part, _ in rounds for sample in part]
-        index = [g * algo.group_size + i for g in chosen for i in range(algo.group_size)]
-        scores = ScoreResult.concat([part_scores for _, part_scores in rounds]).select(index)
-        return [samples[i] for i in index], scores, stats
-
-    def _generate_round(self, sampling: SamplingParams, timings: dict[str, float]):
-        """(samples, scores, metrics) of the next `train_batch_size` questions, gathered; adds the
-        generation's time to time/rollout."""
-        _, samples, scores, seconds, stats = self._gathered(self._generation(sampling)())
-        timings["time/rollout"] += seconds
-        return samples, scores, stats
-
-    def _generation(self, sampling: SamplingParams):
-        """Draws the next `train_batch_size` questions (every rank draws them all and keeps its share; with
-        partial rollouts, those that top its pool up) and returns the job that generates and scores them:
-        () -> (sampling, samples, scores, generation seconds, metrics) of this rank, with no collective (it
-        may run on the rollout queue's thread)."""
-        algo = self.cfg.algo
-        count = algo.train_batch_size if self.partial is None else self.partial.need() * self.dp.size
-        rows = self.dp.local(self.prompts.take(count))
-        prompts = [self.tokenizer.encode(r["prompt"]) for r in rows]
-        if self.partial is not None:
-            self.partial.add(rows, prompts, algo.group_size)
-
-        def job():
-            started, stats = time.perf_counter(), {}
-            if self.partial is None:
-                groups, group_rows = self.engine.generate(prompts, sampling), rows
-                raise_refused(groups, rows)
-            else:
-                groups, group_rows, stats = self.partial.run(sampling)
-            samples = [sample for group in groups for sample in group]
-            seconds = time.perf_counter() - started
-            sample_rows = [row for row in group_rows for _ in range(algo.group_size)]
-            return sampling, samples, self.scorer.score([s.text for s in samples], sample_rows), seconds, stats
-
-        return job
-
-    def _gathered(self, result):
-        """A generation job's result with its samples and scores gathered from every rank, in rank order, and
-        its metrics (counts) summed over ranks."""
-        sampling, samples, scores, seconds, stats = result
-        keys = sorted(stats)
-        totals = self.dp.sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64))
-        return (sampling, *self.dp.gather(samples, scores), seconds, dict(zip(keys, totals.tolist())))
 
     def _logprobs(self, model, batch) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""
@@ -320,10 +235,8 @@ class GRPOTrainer:
             "step": self.step, "rollout": self.rollout, "prompts": self.prompts.state_dict(),
             "shuffle": self.shuffle.getstate(), "nan_streak": self.nan_streak, "torch_rng": torch.get_rng_state(),
             "engine_version": self.engine.version,
-            "rollouts_ahead": self.ahead.state_dict() if self.ahead is not None else None,
+            "rollouts": self.rollouts.state_dict(),
         }
-        if self.partial is not None and not self.dp.distributed:
-            state["partial_rollouts"] = self.partial.state_dict()
         if not self.dp.distributed:
             state.update(policy=self.policy.state_dict(), reference=self.reference.state_dict(),
                          optimizer=self.optimizer.state_dict())
@@ -333,8 +246,7 @@ class GRPOTrainer:
     def _save_shards(self, directory) -> None:
         dist_checkpoint.save(directory / "policy", self.policy, self.optimizer)
         dist_checkpoint.save(directory / "reference", self.reference)
-        if self.partial is not None:  # every rank's questions in flight are its own
-            torch.save(self.partial.state_dict(), directory / f"partial_rollouts_rank{torch.distributed.get_rank()}.pt")
+        self.rollouts.save_rank(directory)
 
     def _resume(self) -> None:
         path = checkpoint.latest(self.cfg.train.out_dir + "/checkpoints")
@@ -362,29 +274,11 @@ class GRPOTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.engine.update_weights(engine_weights(self.policy), version=state["engine_version"])
         self.step, self.rollout = state["step"], state["rollout"]
-        if self.ahead is not None and state.get("rollouts_ahead") is not None:
-            self.ahead.load_state_dict(state["rollouts_ahead"])
-        if self.partial is not None:
-            shard = path / f"partial_rollouts_rank{torch.distributed.get_rank()}.pt" if self.dp.distributed else None
-            if shard is not None and not shard.is_file():
-                raise ValueError(f"{path} holds no {shard.name}: resume partial rollouts with the world size they "
-                                 "were saved with")
-            partial = torch.load(shard, weights_only=False) if shard is not None else state.get("partial_rollouts")
-            if partial is not None:
-                self.partial.load_state_dict(partial)
+        self.rollouts.load_state_dict(state.get("rollouts", {}))
+        if self.dp.distributed:
+            self.rollouts.load_rank(path)
         if self.dp.is_main:
             print(f"resumed from {path} at step {self.step}")
-
-
-def _check_async(rollout, algo) -> None:
-    for key in ("staleness", "partial_tokens", "partial_groups"):
-        if getattr(rollout, key) < 0:
-            raise ValueError(f"rollout.{key}={getattr(rollout, key)} must be >= 0")
-    if algo.dynamic_sampling and (rollout.staleness > 0 or rollout.partial_tokens > 0):
-        raise ValueError("algo.dynamic_sampling=true needs rollout.staleness=0 and rollout.partial_tokens=0 "
-                         "(its rounds gather between generations)")
-    if rollout.partial_groups > 0 and rollout.partial_tokens == 0:
-        raise ValueError(f"rollout.partial_groups={rollout.partial_groups} needs rollout.partial_tokens > 0")
 
 
 def _reached(every: int, before: int, after: int) -> bool:
