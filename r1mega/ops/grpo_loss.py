@@ -40,8 +40,11 @@ pass the same `max_len` to every micro-batch in "seq-mean-token-sum-norm".
 Statistics (0-d tensors, no grad, 0 when no token is valid): clip_fraction (share of valid tokens that
 were clipped), kl (mean over valid tokens), ratio_mean, ratio_min, ratio_max.
 
-Deliberately left out: entropy bonus, dual-clip PPO, clamping of the log-ratios (verl's), sequence-level
-importance ratios (GSPO); the fused version with the output projection is `linear_grpo_loss`.
+`ratio="sequence"`: GSPO's sequence-level ratio in place of the token's (r1mega/ops/sequence_ratio.py: the
+same kernel, given a stand-in for old_logp); the statistics then describe that ratio.
+
+Deliberately left out: entropy bonus, dual-clip PPO, clamping of the log-ratios (verl's); the fused
+version with the output projection is `linear_grpo_loss`.
 """
 
 from __future__ import annotations
@@ -49,14 +52,18 @@ from __future__ import annotations
 import torch
 
 from r1mega.ops import _extension
+from r1mega.ops.sequence_ratio import sequence_ratio_old_logp
 
 AGGREGATIONS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+RATIOS = ("token", "sequence")
 STATS = ("clip_fraction", "kl", "ratio_mean", "ratio_min", "ratio_max")
 
 
-def _check(logp, old_logp, ref_logp, advantages, mask, agg: str) -> None:
+def _check(logp, old_logp, ref_logp, advantages, mask, agg: str, ratio: str) -> None:
     if agg not in AGGREGATIONS:
         raise ValueError(f"grpo_loss: agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if ratio not in RATIOS:
+        raise ValueError(f"grpo_loss: ratio must be one of {RATIOS}, got {ratio!r}")
     if logp.dim() != 2:
         raise ValueError(f"grpo_loss: logp must be [B, T], got shape {tuple(logp.shape)}")
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
@@ -89,9 +96,12 @@ def grpo_loss_reference(
     beta: float = 0.001,
     agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
+    ratio: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Plain-PyTorch meaning of `grpo_loss` (autograd through torch ops)."""
-    _check(logp, old_logp, ref_logp, advantages, mask, agg)
+    _check(logp, old_logp, ref_logp, advantages, mask, agg, ratio)
+    if ratio == "sequence":
+        old_logp = sequence_ratio_old_logp(logp, old_logp, mask)
     acc = _acc(logp.dtype)
     valid = mask != 0  # [B, T]
     lp = logp.to(acc)
@@ -179,16 +189,19 @@ def grpo_loss(
     beta: float = 0.001,
     agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
+    ratio: str = "token",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO loss of the module docstring.
 
     logp, old_logp, ref_logp (or None: no KL term), mask: [B, T]; advantages: [B] or [B, T].
     Returns (loss: 0-d fp32 (fp64 for fp64 logp), stats: dict of 0-d tensors named in `STATS`).
     """
-    _check(logp, old_logp, ref_logp, advantages, mask, agg)
+    _check(logp, old_logp, ref_logp, advantages, mask, agg, ratio)
     if not _extension.has_kernel("grpo_loss", logp.device):
         return grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, clip_low=clip_low,
-                                   clip_high=clip_high, beta=beta, agg=agg, max_len=max_len)
+                                   clip_high=clip_high, beta=beta, agg=agg, max_len=max_len, ratio=ratio)
+    if ratio == "sequence":
+        old_logp = sequence_ratio_old_logp(logp, old_logp, mask)
     # One dtype for the three log-prob tensors (the widest), so an fp32 old_logp is never rounded to bf16.
     dtype = torch.promote_types(logp.dtype, old_logp.dtype)
     if ref_logp is not None:

@@ -38,14 +38,15 @@ STAT_NAMES = STATS + ("entropy",)
 
 
 def linear_grpo_loss_reference(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *, temperature=1.0,
-                               clip_low=0.2, clip_high=0.2, beta=0.001, agg="seq-mean-token-mean", max_len=None):
+                               clip_low=0.2, clip_high=0.2, beta=0.001, agg="seq-mean-token-mean", max_len=None,
+                               ratio="token"):
     """Plain-PyTorch meaning: materialised logits -> log_softmax -> grpo_loss_reference (autograd)."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logits = hidden.to(acc) @ weight.to(acc).T / temperature  # [B, T, V]
     logprobs = logits.log_softmax(dim=-1)
     logp = logprobs.gather(-1, targets[..., None]).squeeze(-1)  # [B, T]
     loss, stats = grpo_loss_reference(logp, old_logp, ref_logp, advantages, mask, clip_low=clip_low,
-                                      clip_high=clip_high, beta=beta, agg=agg, max_len=max_len)
+                                      clip_high=clip_high, beta=beta, agg=agg, max_len=max_len, ratio=ratio)
     with torch.no_grad():
         entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
         valid = mask != 0
@@ -100,6 +101,7 @@ def linear_grpo_loss(
     beta: float = 0.001,
     agg: str = "seq-mean-token-mean",
     max_len: int | None = None,
+    ratio: str = "token",
     chunk_size: int | None = None,
     process_group: dist.ProcessGroup | None = None,
     return_logp: bool = False,
@@ -108,7 +110,7 @@ def linear_grpo_loss(
 
     hidden: [B, T, H]; weight: [V, H] (this rank's shard under `process_group`); targets: [B, T] int64;
     old_logp (or None: on-policy), ref_logp (or None: no KL), mask: [B, T]; advantages: [B] or [B, T].
-    `max_len` as in grpo_loss. Returns (loss: 0-d fp32 (fp64 for fp64 inputs), stats: dict of 0-d
+    `max_len`, `ratio` as in grpo_loss. Returns (loss: 0-d fp32 (fp64 for fp64 inputs), stats: dict of 0-d
     tensors named in `STAT_NAMES`), and logp [B, T] when `return_logp`.
     """
     if hidden.shape[:-1] != targets.shape or targets.dtype != torch.int64:
@@ -120,7 +122,7 @@ def linear_grpo_loss(
     if not temperature > 0:
         raise ValueError(f"linear_grpo_loss: temperature must be positive, got {temperature}")
     chunk = chunk_size or default_chunk_size(targets.numel(), weight.shape[0], hidden.device)
-    grpo_kw = dict(clip_low=clip_low, clip_high=clip_high, beta=beta, agg=agg, max_len=max_len)
+    grpo_kw = dict(clip_low=clip_low, clip_high=clip_high, beta=beta, agg=agg, max_len=max_len, ratio=ratio)
     loss, stats, logp = _LinearGRPOLoss.apply(hidden, weight, targets, old_logp, ref_logp, advantages, mask,
                                               float(temperature), grpo_kw, chunk, process_group)
     stats = dict(zip(STAT_NAMES, stats.unbind(0)))

@@ -48,6 +48,15 @@ class ScoreResult:
                            seconds=max(p.metrics["reward/score_time_s"] for p in parts))
         return cls([r for p in parts for r in p.rewards], components, reasons, metrics)
 
+    def select(self, index: Sequence[int]) -> "ScoreResult":
+        """The completions `index` (e.g. those DAPO's dynamic sampling keeps): component means over them,
+        the error and timeout counts and the time of everything scored."""
+        components = {n: [v[i] for i in index] for n, v in self.components.items()}
+        reasons = {n: [v[i] for i in index] for n, v in self.reasons.items()}
+        metrics = _metrics(components, errors=self.metrics["reward/errors"], timeouts=self.metrics["reward/timeouts"],
+                           seconds=self.metrics["reward/score_time_s"])
+        return ScoreResult([self.rewards[i] for i in index], components, reasons, metrics)
+
 
 def _metrics(components: Mapping[str, Sequence[float]], *, errors: float, timeouts: float,
              seconds: float) -> dict[str, float]:

@@ -34,8 +34,8 @@ ranks (and tp ranks): the ep group's tokens meet at the experts through all_to_a
 
 Deliberately left out, and refused with the key to change: pipeline parallelism (the loss path runs the
 whole model on every rank and reads the output head after the forward; a pipeline's last stage alone
-holds it, and its schedule runs forward and backward together). Also left out: overlapping one step's
-rollouts with the previous step's training.
+holds it, and its schedule runs forward and backward together). Rollouts generated beside training
+(rollout.staleness) keep every collective on the main thread: rollout_source.py gathers after the step.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from r1mega.ops.rollout_correction import mismatch_kl
 from r1mega.rollout.engine import raise_refused
 from r1mega.data.reflection import reflective_word_count
 
@@ -36,6 +37,7 @@ def rollout_metrics(samples, scores, batch, tokenizer) -> dict[str, float]:
         diff = (batch.engine_logp - batch.old_logp).abs() * batch.mask
         metrics["rollout/logprob_mismatch"] = float(diff.sum() / batch.mask.sum().clamp(min=1))
         metrics["rollout/logprob_mismatch_max"] = float(diff.max())
+        metrics["rollout/mismatch_kl"] = mismatch_kl(batch.old_logp, batch.engine_logp, batch.mask)
     return metrics
 
 

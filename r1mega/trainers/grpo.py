@@ -12,6 +12,11 @@ With algo.routing_replay the engine records every token's experts and the policy
 logprob passes route to them (R3, r1mega/models/routing.py); the reference routes itself.
 The maths lives in r1mega.ops; this file is the order.
 
+Beside the paper's GRPO, all off by default: DAPO's overlong shaping, RLOO and REINFORCE++ advantages,
+GSPO's sequence ratio and rollout correction (algo.*, picked in algorithms.py); where the samples come
+from, with DAPO's dynamic sampling, partial rollouts, or generated ahead while the trainer trains
+(rollout_source.py; the engine then keeps its KV cache, since it generates during training).
+
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
 generates and scores its share of the questions, the rollouts are gathered, each rank runs its share of
 every mini-batch on the FSDP-sharded policy (DDP-replicated with model.backend=megatron), and the
@@ -29,13 +34,13 @@ import time
 import torch
 
 from r1mega.config import Config
-from r1mega.ops.group_advantages import group_advantages
 from r1mega.parallel import dist_checkpoint
 from r1mega.parallel.launch import fail, shutdown
 from r1mega.rewards import ScoringPool
 from r1mega.rewards.sandbox import allow_isolation
-from r1mega.rollout.engine import SamplingParams, raise_refused
+from r1mega.rollout.engine import SamplingParams
 from r1mega.trainers import checkpoint
+from r1mega.trainers.algorithms import advantages, check_algo, correct_rollouts, corrects_rollouts, shaped_rewards
 from r1mega.trainers.components import (
     build_engine, build_policy, build_prompt_sets, build_tokenizer, longest_sequence, pick_device,
 )
@@ -52,6 +57,7 @@ from r1mega.trainers.policy_update import (
 )
 from r1mega.trainers.prompts import PromptStream
 from r1mega.trainers.rollout_batch import RolloutBatch
+from r1mega.trainers.rollout_source import RolloutSource
 from r1mega.trainers.schedule import lr_factor, value_at
 
 
@@ -61,6 +67,7 @@ class GRPOTrainer:
         the data config's training set (the pipeline's stage 4); the engine is sized for all its rows."""
         self.cfg, algo = cfg, cfg.algo
         self.steps_per_rollout = steps_per_rollout(algo)
+        check_algo(algo)
         if algo.ref_reset_every % self.steps_per_rollout:
             raise ValueError(f"algo.ref_reset_every={algo.ref_reset_every} must be a multiple of the steps of a "
                              f"rollout ({self.steps_per_rollout}: algo.inner_epochs * algo.train_batch_size / "
@@ -87,6 +94,8 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
                                            weight_decay=algo.weight_decay)
         self.shuffle = random.Random(cfg.train.seed)
+        self.rollouts = RolloutSource(cfg, self.engine, self.tokenizer, self.prompts, self.scorer, self.dp,
+                                      lambda index: self.sampling(index))
         self.step, self.rollout, self.nan_streak = 0, 0, 0  # optimizer steps and rollouts done
         if cfg.train.resume:
             self._resume()
@@ -94,13 +103,16 @@ class GRPOTrainer:
                                     tensorboard=cfg.train.tensorboard,
                                     wandb_project=cfg.train.wandb_project) if self.dp.is_main else None
 
-    def sampling(self) -> SamplingParams:
-        """The next rollout's: its length is the schedule's at its first step, its seed the rollout's."""
+    def sampling(self, index: int | None = None) -> SamplingParams:
+        """Rollout `index`'s (default: the next one): its length is the schedule's at its first step, its seed
+        the rollout's."""
         rollout = self.cfg.rollout
+        first_step = self.step if index is None else index * self.steps_per_rollout
+        index = self.rollout if index is None else index
         return SamplingParams(
             n=self.cfg.algo.group_size, temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-            max_new_tokens=value_at(rollout.max_new_tokens, self.step), stop_token_ids=[self.tokenizer.eos_token_id],
-            seed=self.cfg.train.seed * 1_000_003 + self.rollout)
+            max_new_tokens=value_at(rollout.max_new_tokens, first_step), stop_token_ids=[self.tokenizer.eos_token_id],
+            seed=self.cfg.train.seed * 1_000_003 + index)
 
     def lr(self, step: int) -> float:
         cfg = self.cfg
@@ -113,18 +125,13 @@ class GRPOTrainer:
         steps = min(self.steps_per_rollout, cfg.train.steps - self.step)
         if steps <= 0:
             raise RuntimeError(f"train.steps={cfg.train.steps} already reached")
-        sampling = self.sampling()
-        started = time.perf_counter()
-        rows = self.dp.local(self.prompts.take(algo.train_batch_size))  # every rank draws all, keeps its share
-        groups = self.engine.generate([self.tokenizer.encode(r["prompt"]) for r in rows], sampling)
-        raise_refused(groups, rows)
-        samples = [sample for group in groups for sample in group]
-        sample_rows = [row for row in rows for _ in range(algo.group_size)]
-        timings["time/rollout"] = time.perf_counter() - started
-        self.engine.release_memory()  # the KV cache is not needed while the trainer runs
+        sampling, samples, scores, generation_s, sampling_stats = self.rollouts.next(self.rollout)
+        timings["time/rollout"] = generation_s
 
-        samples, scores = self.dp.gather(samples, self.scorer.score([s.text for s in samples], sample_rows))
-        batch = self.dp.shard(RolloutBatch.from_samples(samples, torch.as_tensor(scores.rewards, dtype=torch.float32)))
+        lengths = torch.tensor([len(s.token_ids) for s in samples])
+        rewards, shaping_stats = shaped_rewards(torch.as_tensor(scores.rewards, dtype=torch.float32), lengths, algo,
+                                                sampling.max_new_tokens)
+        batch = self.dp.shard(RolloutBatch.from_samples(samples, rewards))
         started = time.perf_counter()
         on_policy = is_on_policy(algo)
         if not on_policy:  # else the loss pass takes its own, detached (policy_update.py)
@@ -137,8 +144,8 @@ class GRPOTrainer:
             rewards = rewards - algo.beta * kl
             kl_stats = {"train/kl": float(kl.sum() / batch.mask.sum().clamp(min=1)),
                         "reward/kl_penalty": float(algo.beta * kl.mean())}
-        batch.advantages = group_advantages(rewards, group_size=algo.group_size, eps=algo.adv_eps,
-                                            scale_by_std=algo.scale_by_std)
+        batch.advantages = advantages(rewards, batch.mask, algo)
+        correction_stats = correct_rollouts(batch, algo.correction) if corrects_rollouts(algo) else {}
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(self.step)
         stats = self.dp.sum_stats(update_policy(self.policy, self.optimizer, batch, algo,
@@ -152,18 +159,19 @@ class GRPOTrainer:
         self.dp.sum_expert_load(self.policy)
         expert_stats = expert_load_stats(self.policy)  # the load the bias update acts on
         update_expert_bias(self.policy, algo.expert_bias_rate)
+        timings.update(self.rollouts.wait())  # the engine's weights change only between generations
         started = time.perf_counter()
         before, self.step, self.rollout = self.step, self.step + steps, self.rollout + 1
         self.engine.update_weights(engine_weights(self.policy), version=self.step)  # collective
         self.engine.resume_memory()
         timings["time/weight_sync"] = time.perf_counter() - started
         generated = float(batch.mask.sum())
-        timings["throughput/rollout_tokens_per_s"] = generated / timings["time/rollout"]
+        timings["throughput/rollout_tokens_per_s"] = generated / generation_s
         timings["throughput/train_tokens_per_s"] = (generated + sum(map(len, batch.prompt_ids))) / timings["time/train"]
         if _reached(algo.ref_reset_every, before, self.step):
             reset_reference(self.reference, self.policy)
         return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats, **kl_stats,
-                **expert_stats, **timings, "lr": self.lr(self.step)}
+                **sampling_stats, **shaping_stats, **correction_stats, **expert_stats, **timings, "lr": self.lr(self.step)}
 
     def _logprobs(self, model, batch, replay_routing: bool = False) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""
@@ -230,6 +238,7 @@ class GRPOTrainer:
             "step": self.step, "rollout": self.rollout, "prompts": self.prompts.state_dict(),
             "shuffle": self.shuffle.getstate(), "nan_streak": self.nan_streak, "torch_rng": torch.get_rng_state(),
             "engine_version": self.engine.version,
+            "rollouts": self.rollouts.state_dict(),
         }
         if not self.dp.distributed:
             state.update(policy=self.policy.state_dict(), reference=self.reference.state_dict(),
@@ -240,6 +249,7 @@ class GRPOTrainer:
     def _save_shards(self, directory) -> None:
         dist_checkpoint.save(directory / "policy", self.policy, self.optimizer)
         dist_checkpoint.save(directory / "reference", self.reference)
+        self.rollouts.save_rank(directory)
 
     def _resume(self) -> None:
         path = checkpoint.latest(self.cfg.train.out_dir + "/checkpoints")
@@ -267,6 +277,9 @@ class GRPOTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.engine.update_weights(engine_weights(self.policy), version=state["engine_version"])
         self.step, self.rollout = state["step"], state["rollout"]
+        self.rollouts.load_state_dict(state.get("rollouts", {}))
+        if self.dp.distributed:
+            self.rollouts.load_rank(path)
         if self.dp.is_main:
             print(f"resumed from {path} at step {self.step}")
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from r1mega.ops.linear_grpo_loss import linear_grpo_loss
 from r1mega.parallel.grad_clip import clip_grad_norm
+from r1mega.trainers.algorithms import corrects_rollouts
 from r1mega.trainers.rollout_batch import RolloutBatch
 from r1mega.trainers.token_batch import response_hidden, response_logprobs
 
@@ -82,9 +83,10 @@ def _place(out: torch.Tensor, rows: list[int], logp: torch.Tensor) -> None:
 
 
 def _share(micro: RolloutBatch, mini: RolloutBatch, agg: str) -> float:
+    micro_mask, mini_mask = micro.loss_tokens(), mini.loss_tokens()
     if agg == "token-mean":
-        return float(micro.mask.sum() / mini.mask.sum().clamp(min=1))
-    return float((micro.mask.sum(1) > 0).sum() / (mini.mask.sum(1) > 0).sum().clamp(min=1))
+        return float(micro_mask.sum() / mini_mask.sum().clamp(min=1))
+    return float((micro_mask.sum(1) > 0).sum() / (mini_mask.sum(1) > 0).sum().clamp(min=1))
 
 
 def _finite_on_every_rank(loss: float, grad_norm: torch.Tensor, device) -> bool:
@@ -111,7 +113,7 @@ def _add(into: dict[str, float], stats: dict[str, float], weight: float = 1.0) -
 def _micro_stats(stats: dict[str, torch.Tensor], micro: RolloutBatch) -> dict[str, float]:
     """The op's statistics of one micro-batch as floats; its extremes only when it has a valid token
     (without one the op reports 0)."""
-    return {key: float(value) for key, value in stats.items() if key not in EXTREMES or micro.mask.any()}
+    return {key: float(value) for key, value in stats.items() if key not in EXTREMES or micro.loss_tokens().any()}
 
 
 def _local_gradients(model, keep: bool):
@@ -132,8 +134,9 @@ def steps_per_rollout(algo) -> int:
 
 
 def is_on_policy(algo) -> bool:
-    """True when one optimizer step consumes the whole rollout batch, so old logprobs = current ones."""
-    return steps_per_rollout(algo) == 1 and not algo.kl_in_reward
+    """True when one optimizer step consumes the whole rollout batch, so old logprobs = current ones, and
+    nothing needs them before the loss (the KL in the reward, rollout correction's weights and masks)."""
+    return steps_per_rollout(algo) == 1 and not algo.kl_in_reward and not corrects_rollouts(algo)
 
 
 def _mini_batches(samples: int, algo, generator: random.Random) -> list[list[int]]:
@@ -163,7 +166,8 @@ def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens
     """
     on_policy = batch.old_logp is None
     if on_policy and not is_on_policy(algo):
-        raise ValueError("a batch without old logprobs needs one mini-batch, one inner epoch and the KL in the loss")
+        raise ValueError("a batch without old logprobs needs one mini-batch, one inner epoch, the KL in the loss "
+                         "and no rollout correction")
     current_logp = torch.zeros_like(batch.mask)
     totals = _no_tokens()  # sums of per-step statistics, extremes over all steps
     updates = nan_steps = 0
@@ -181,9 +185,9 @@ def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens
                 old = None if on_policy else micro.old_logp.to(device)
                 loss, stats, logp = linear_grpo_loss(
                     hidden, model.output_weight, micro.response_ids.to(device), old, ref,
-                    micro.advantages.to(device), micro.mask.to(device), temperature=temperature,
+                    micro.advantages.to(device), micro.loss_tokens().to(device), temperature=temperature,
                     clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg,
-                    max_len=max_new_tokens, return_logp=True)
+                    max_len=max_new_tokens, ratio=algo.ratio, return_logp=True)
                 share = _share(micro, mini, algo.agg)
                 (loss * share).backward()
             if on_policy:

@@ -13,10 +13,16 @@ from r1mega.trainers.token_batch import TokenBatch
 class RolloutBatch(TokenBatch):
     engine_logp: torch.Tensor  # [S, R] logprobs the engine sampled with
     rewards: torch.Tensor  # [S]
-    advantages: torch.Tensor | None = None  # [S]
+    advantages: torch.Tensor | None = None  # [S], or [S, R] once importance weights multiply them
     old_logp: torch.Tensor | None = None  # [S, R]
     ref_logp: torch.Tensor | None = None  # [S, R]
     routing: list[torch.Tensor] | None = None  # per sample, the engine's routing record (Sample.routed_experts)
+    # [S, R] the tokens the loss counts: `mask` less those a rollout-correction mask rejected; None: `mask`.
+    # Apart from `mask`, which says where each response lies (packing and the forward read it).
+    loss_mask: torch.Tensor | None = None
+
+    def loss_tokens(self) -> torch.Tensor:
+        return self.mask if self.loss_mask is None else self.loss_mask
 
     @classmethod
     def from_samples(cls, samples, rewards: torch.Tensor) -> "RolloutBatch":
