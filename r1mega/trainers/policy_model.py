@@ -71,8 +71,8 @@ def reset_reference(reference: nn.Module, policy: nn.Module) -> None:
     """Loads the policy's weights into the reference model (native, sharded over the data-parallel
     ranks under torchrun as a native policy would be)."""
     own = getattr(policy, "engine_weights", None)
-    if own is None:
-        reference.load_state_dict(policy.state_dict())  # the same model, sharded alike
+    if own is None or type(policy) is type(reference):
+        reference.load_state_dict(policy.state_dict())  # the same model, sharded (and pipelined) alike
         return
     # Whole tensors under native names, the same on every rank: each rank cuts its own shards.
     layout = reference.state_dict()

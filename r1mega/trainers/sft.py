@@ -25,19 +25,24 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from r1mega.trainers.schedule import lr_factor
-from r1mega.trainers.token_batch import TokenBatch, response_logprobs
+from r1mega.trainers.token_batch import TokenBatch, logprob_head, run_micro_batches
 
 
 def sft_step(model, optimizer, batch: TokenBatch, *, token_budget: int, grad_clip: float, device) -> float:
     optimizer.zero_grad(set_to_none=True)
     tokens = batch.mask.sum().clamp(min=1)
-    total = 0.0
-    for index in batch.micro_batches(token_budget):
-        micro = batch.select(index)
-        loss = -response_logprobs(model, micro, temperature=1.0, device=device).sum() / tokens
-        loss.backward()
-        total += loss.item()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+
+    def head(hidden, weight, micro):
+        loss = -logprob_head(hidden, weight, micro, temperature=1.0).sum() / tokens.to(hidden.device)
+        return loss, loss.item()
+
+    micro_batches = [batch.select(index) for index in batch.micro_batches(token_budget)]
+    total = sum(run_micro_batches(model, micro_batches, head, device=device, backward=True))
+    own = getattr(model, "clip_grad_norm", None)  # a pipeline's: its stages hold other parameters each
+    if own is not None:
+        own(grad_clip)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return total
 
