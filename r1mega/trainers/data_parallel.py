@@ -118,13 +118,13 @@ class DataParallel:
     def launch(cls, cfg, device: torch.device) -> tuple["DataParallel", torch.device]:
         """From the environment torchrun sets: (the data-parallel group, this rank's device)."""
         world = int(os.environ.get("WORLD_SIZE", 1))
-        check_layout(cfg, world)
         if world == 1:
             split = {key: getattr(cfg.parallel, key) for key in ("tp", "ep", "pp") if getattr(cfg.parallel, key) != 1}
             if split:
                 raise ValueError(f"{', '.join(f'parallel.{k}={v}' for k, v in split.items())} needs as many processes: "
                                  "launch with torchrun --nproc-per-node N")
             return cls(parallel_cfg=cfg.parallel), device
+        check_layout(cfg, world)
         _, world, device = init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
         dims = ParallelDims.from_config(cfg.parallel, world)
         dims.build_mesh(device.type)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_runs import MEGATRON_WORKER, SPLIT, assert_same, metrics_rows, order_noise, run_grpo
+from grpo_compare import MEGATRON_WORKER, SPLIT, assert_same, metrics_rows, order_noise, run_grpo
 
 pytestmark = pytest.mark.distributed
 

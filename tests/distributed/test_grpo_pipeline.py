@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo_runs import SPLIT, assert_same, metrics_rows, order_noise, run_grpo
+from grpo_compare import SPLIT, assert_same, metrics_rows, order_noise, run_grpo
 
 pytestmark = pytest.mark.distributed
 GREEDY = str(Path(__file__).with_name("grpo_greedy_worker.py"))

@@ -3,7 +3,8 @@ equal those of the plain model on the whole batch (fp32, 1e-5), for 1F1B (pp=2),
 (pp=2, 4 stages, 2 per rank, with activation checkpointing), packed rows (segment ids travelling with
 the micro-batch), the tied Qwen2-style model (embedding gradients summed between first and last stage),
 and (slow) 1F1B over FSDP2 and over tensor parallel (pp=2 x dp_shard=2, pp=2 x tp=2). Also: the orders
-of both schedules, and the weight export, which gives every rank the whole model."""
+of both schedules, the weight export, which gives every rank the whole model, and SFT (`train_sft`) on
+a pipeline, step by step equal to one process."""
 
 import copy
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from r1mega.models import Transformer, preset
 from r1mega.parallel import ParallelDims
 from r1mega.parallel.pipeline import pipeline_parallelize, stage_layers
 from r1mega.parallel.pipeline_schedule import rank_orders
+from r1mega.trainers.sft import train_sft
 
 VOCAB = 64
 
@@ -133,3 +135,27 @@ def test_pipeline_matches_one_process(cfg, kind, packed):
                          ids=["fsdp2", "tp2_tied"])
 def test_pipeline_over_other_dims_matches_one_process(dims_kw, kind):
     run_world(_pipeline_step, 4, dims_kw, ONE_F_ONE_B, kind, True)
+
+
+def _sft_steps(rank, world, kind):
+    """train_sft on a pp=2 pipeline against train_sft on the plain model: every step's loss and the
+    weights after 3 steps (several packed micro-batches a step: a token budget of 24)."""
+    dims = ParallelDims(world, pp=2)
+    dims.build_mesh("cpu")
+    ref = _model(kind)
+    pipe = pipeline_parallelize(copy.deepcopy(ref), dims, ONE_F_ONE_B)
+    gen = torch.Generator().manual_seed(2)
+    lengths = torch.randint(3, 9, (12,), generator=gen).tolist()
+    examples = [(torch.randint(VOCAB, (n,), generator=gen).tolist(), torch.randint(VOCAB, (6,), generator=gen).tolist())
+                for n in lengths]
+    kw = dict(steps=3, batch_size=6, lr=1e-2, token_budget=24, seed=0, warmup_steps=1)
+    torch.testing.assert_close(train_sft(pipe, examples, **kw), train_sft(ref, examples, **kw), atol=1e-5, rtol=0)
+    exported = dict(pipe.engine_weights())
+    for name, tensor in ref.state_dict().items():
+        torch.testing.assert_close(exported[name], tensor, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", ["mla_moe", "tied"])
+def test_sft_pipeline_matches_one_process(kind):
+    run_world(_sft_steps, 2, kind)
