@@ -60,7 +60,10 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, *, uncou
         squares.append(norm.double() ** 2)  # fp64: a norm beyond 1.8e19 still squares finitely
     if not squares and group is None:
         return torch.zeros(())
-    total = torch.stack([s.to(squares[0].device) for s in squares]).sum() if squares else torch.zeros((), dtype=torch.float64)
+    if squares:
+        total = torch.stack([s.to(squares[0].device) for s in squares]).sum()
+    else:  # a stage whose parameters have no gradient still adds its zero to the others'
+        total = torch.zeros((), dtype=torch.float64)
     if group is not None:
         dist.all_reduce(total, group=group)
     total = total.sqrt().float()

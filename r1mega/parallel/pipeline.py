@@ -183,16 +183,18 @@ class PipelinedModel(nn.Module):
             src = dist.get_global_rank(self.peers.group, source)
             mine = source == self.peers.rank
             box = [[(n, t.shape, t.dtype) for n, t in self.state_dict().items() if n not in skip] if mine else None]
-            dist.broadcast_object_list(box, src=src, group=self.peers.group)
-            gathered = (item for item in gathered_state_dict(self, bucket_bytes) if item[0] not in skip) if mine else None
+            dist.broadcast_object_list(box, src=src, group=self.peers.group)  # what the others receive
+            if mine:
+                for name, tensor in gathered_state_dict(self, bucket_bytes):
+                    if name not in skip:
+                        tensor = tensor.to(device).contiguous()
+                        dist.broadcast(tensor, src=src, group=self.peers.group)
+                        yield name, tensor
+                continue
             for name, shape, dtype in box[0]:
-                tensor = next(gathered)[1].to(device).contiguous() if mine else torch.empty(shape, dtype=dtype,
-                                                                                             device=device)
+                tensor = torch.empty(shape, dtype=dtype, device=device)
                 dist.broadcast(tensor, src=src, group=self.peers.group)
                 yield name, tensor
-            if mine:
-                for _ in gathered:  # the gathers are collectives of the stage: run them all
-                    pass
 
 
 def _tied_group(dims: ParallelDims):

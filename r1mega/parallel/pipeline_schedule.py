@@ -60,7 +60,8 @@ def rank_orders(pp: int, per_rank: int, n_micro: int, backward: bool = True) -> 
             fwd = forwards[r][nf[r]] if nf[r] < len(forwards[r]) else None
             bwd = backwards[r][nb[r]] if nb[r] < len(backwards[r]) else None
             fwd_ready = fwd is not None and (fwd[0] == 0 or ("F", fwd[0] - 1, fwd[1]) in done)
-            bwd_ready = bwd is not None and ("F", *bwd) in done and (bwd[0] == last or ("B", bwd[0] + 1, bwd[1]) in done)
+            bwd_ready = (bwd is not None and ("F", *bwd) in done
+                         and (bwd[0] == last or ("B", bwd[0] + 1, bwd[1]) in done))
             if fwd_ready and nf[r] - nb[r] < _limit(pp, per_rank, r):
                 ticks.append((r, ("F", *fwd)))
             elif bwd_ready:

@@ -12,9 +12,10 @@ The maths lives in r1mega.ops; this file is the order.
 
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
 generates and scores its share of the questions, the rollouts are gathered, each rank runs its share of
-every mini-batch on the FSDP-sharded policy (DDP-replicated with model.backend=megatron), and the
-metrics are those of the global batch; rank 0
-alone writes metrics, plots and progress. Checkpoints are then distributed (parallel/dist_checkpoint.py).
+every mini-batch on the FSDP-sharded policy (DDP-replicated with model.backend=megatron; cut into
+pipeline stages with parallel.pp > 1, the loss on the last stage), and the metrics are those of the
+global batch; rank 0 alone writes metrics, plots and progress. Checkpoints are then distributed
+(parallel/dist_checkpoint.py).
 """
 
 from __future__ import annotations

@@ -14,9 +14,14 @@ of its policy; the functions below use a backend's method of the same name when 
 native model's otherwise, so the trainer never asks which backend it has; `reset_reference` loads the
 policy's weights into the native reference.
 
-Deliberately left out: megatron's tensor and expert parallelism under the trainer (parallel.tp and
-parallel.ep are refused with model.backend=megatron: the rollout engine's weight export and the
-expert-parallel weight loading do not gather or split megatron's shards yet), activation
+A pipelined native policy (r1mega.parallel.pipeline.PipelinedModel) brings its own `engine_weights` and
+`expert_load_stats` (its stages hold other layers each); its reference is pipelined alike, so
+`reset_reference` loads it by state dict, stage by stage.
+
+Deliberately left out: megatron's tensor, expert and pipeline parallelism under the trainer
+(parallel.tp, parallel.ep and parallel.pp are refused with model.backend=megatron: the rollout
+engine's weight export and the expert-parallel weight loading do not gather or split megatron's
+shards yet), activation
 checkpointing of a megatron policy (refused: r1mega's wraps native blocks), and megatron's DDP and
 distributed optimizer (replicate.py says why).
 """

@@ -4,7 +4,9 @@ Used for the tiny base model's pretraining on demonstrations, for cold start, fo
 rejection-sampled data and for distillation. The loss is the mean negative log-likelihood over every
 response token of a batch, through the chunked `linear_logprob` (no [tokens, vocabulary] tensor).
 
-- `train_sft`: token-id pairs, a fixed number of steps, linear warm-up then cosine (or constant).
+- `train_sft`: token-id pairs, a fixed number of steps, linear warm-up then cosine (or constant); the
+  model may be a pipeline (r1mega.parallel.pipeline, every pp rank calling with the same pairs): its
+  micro-batches then run through the schedule, the loss on the last stage.
 - `sft_examples`: dataset rows ({"prompt","response"} through a template, or {"messages"} in ChatML,
   see r1mega.data.datasets.sft_texts) -> token-id pairs, each response closed by the EOS token.
 - `fine_tune`: rows -> epochs of `train_sft`, then the model saved as a native checkpoint (with its
