@@ -2,8 +2,8 @@
 (4 processes), give the metrics of one process, for the tiny DeepSeek-V3 (MLA + MoE, untied) and the
 tiny Qwen2-style model (dense, tied embeddings split over the first and last stage); the engines of
 every rank then generate greedily exactly what the one-process run's engine generates (the weight
-sync streamed every stage's weights to every rank); a pp=2 checkpoint resumes in one process to the
-same next step.
+sync streamed every stage's weights to every rank); a pp=2 checkpoint resumes in one process, and a
+data-parallel one at pp=2, to the same next step.
 
 Tolerances as test_grpo_data_parallel.py's (its docstring): rollouts, rewards, lengths, expert loads and
 held-out metrics equal; the loss statistics and gradient norm within NOISE_FACTOR times the spread
@@ -90,10 +90,13 @@ def test_pipeline_with_other_dims_matches_one_process(single, tmp_path, model, l
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["deepseek", "qwen2"])
-def test_pipeline_checkpoint_resumes_in_one_process(single, tmp_path, model):
-    run_grpo(tmp_path, 2, "train.steps=2", MODELS[model], "parallel.pp=2")  # one rollout, its checkpoint at step 2
-    run_grpo(tmp_path, 1, STEPS, MODELS[model], "train.resume=true")
+@pytest.mark.parametrize("model,saved,resumed", [("deepseek", (2, "parallel.pp=2"), (1,)),
+                                                 ("qwen2", (2, "parallel.pp=2"), (1,)),
+                                                 ("qwen2", (2,), (2, "parallel.pp=2"))],
+                         ids=["deepseek_pp2_to_one", "qwen2_pp2_to_one", "qwen2_dp2_to_pp2"])
+def test_checkpoint_resumes_at_another_layout(single, tmp_path, model, saved, resumed):
+    run_grpo(tmp_path, saved[0], "train.steps=2", MODELS[model], *saved[1:])  # one rollout, its checkpoint at step 2
+    run_grpo(tmp_path, resumed[0], STEPS, MODELS[model], "train.resume=true", *resumed[1:])
     one, noise, _ = single(model)
     # the short run evaluated at its end (step 2); from the checkpoint on, nothing differs
     assert_same(one[1:], metrics_rows(tmp_path)[1:], noise)
