@@ -194,7 +194,9 @@ class ParallelConfig:
     dp_replicate: int = 1
     tp: int = 1
     ep: int = 1
-    pp: int = 1  # the GRPO trainer refuses anything but 1 (r1mega/trainers/data_parallel.py says why)
+    pp: int = 1  # pipeline stages' ranks (r1mega/parallel/pipeline.py), native backend
+    pp_schedule: str = "1f1b"  # or "interleaved_1f1b" (r1mega/parallel/pipeline_schedule.py)
+    pp_stages_per_rank: int = 1  # 1 for 1f1b, >= 2 for interleaved_1f1b
     activation_checkpointing: str = "none"  # "none", "full", "selective" (r1mega/parallel/checkpointing.py)
 
 

@@ -26,7 +26,8 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def _load(moe: MoE) -> torch.Tensor | None:
+def expert_load(moe: MoE) -> torch.Tensor | None:
+    """The load the next bias update acts on: counted since the last one, else the last forward's."""
     return moe.load_since_update if moe.load_since_update is not None else moe.last_expert_load
 
 
@@ -40,7 +41,7 @@ def bias_step(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
 def update_expert_bias(model: nn.Module, rate: float) -> None:
     """One balancing step for every MoE layer with a selection bias; resets the accumulated loads."""
     for _, moe in moe_layers(model):
-        load = _load(moe)
+        load = expert_load(moe)
         if moe.router.expert_bias is not None and load is not None:
             bias_step(moe.router.expert_bias, load, rate)
         moe.load_since_update = None
@@ -67,4 +68,4 @@ def load_stats(loads: Iterable[tuple[str, torch.Tensor | None]]) -> dict[str, fl
 
 def expert_load_stats(model: nn.Module) -> dict[str, float]:
     """`load_stats` of every MoE layer over the loads counted so far; empty when none has run."""
-    return load_stats((name, _load(moe)) for name, moe in moe_layers(model))
+    return load_stats((name, expert_load(moe)) for name, moe in moe_layers(model))

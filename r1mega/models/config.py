@@ -281,6 +281,14 @@ def tiny_deepseek_v3(vocab_size: int = 512, **overrides) -> ModelConfig:
     return ModelConfig(**{**kw, **overrides})
 
 
+def tiny_qwen2(vocab_size: int = 512, **overrides) -> ModelConfig:
+    """A dense Qwen2-style model of the tiny default's size: GQA with q/k/v biases, tied embeddings."""
+    kw = dict(architecture="Qwen2ForCausalLM", vocab_size=vocab_size, hidden_size=128, intermediate_size=384,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+              max_position_embeddings=4096, tie_word_embeddings=True)
+    return ModelConfig(**{**kw, **overrides})
+
+
 def qwen2_5_1_5b(**overrides) -> ModelConfig:
     kw = dict(architecture="Qwen2ForCausalLM", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
               num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=1e6,
@@ -314,7 +322,8 @@ def deepseek_v3_671b(**overrides) -> ModelConfig:
     return ModelConfig(**{**kw, **overrides})
 
 
-PRESETS = {f.__name__: f for f in (tiny_deepseek_v3, qwen2_5_1_5b, qwen2_5_7b, qwen3_30b_a3b, deepseek_v3_671b)}
+PRESETS = {f.__name__: f for f in (tiny_deepseek_v3, tiny_qwen2, qwen2_5_1_5b, qwen2_5_7b, qwen3_30b_a3b,
+                                   deepseek_v3_671b)}
 
 
 def preset(name: str, **overrides) -> ModelConfig:

@@ -67,6 +67,44 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     return idx - torch.where(starts, idx, 0).cummax(dim=1).values
 
 
+def attn_context(config: ModelConfig, input_ids: torch.Tensor, dtype: torch.dtype, *,
+                 position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
+                 shared: Optional[SharedPrefixRow] = None, cache: Optional[KVCache] = None,
+                 slots: Optional[Slots] = None, routing: Optional[Routing] = None) -> AttnContext:
+    """What every layer's attention needs about a forward over input_ids [B, T] (Transformer.forward
+    says what the arguments mean); a pipeline stage builds it from the same arguments."""
+    b, t = input_ids.shape
+    ctx_kw = {}
+    if cache is not None:
+        if position_ids is None or slots is None:
+            raise ValueError("Transformer.forward: a KV cache needs position_ids and slots")
+        if segment_ids is not None or shared is not None:
+            raise ValueError("Transformer.forward: segment_ids or shared and a KV cache cannot be combined")
+        cache_len = int(position_ids.max()) + 1
+        rows = cache.rows(slots, position_ids, cache_len)
+        hidden = torch.arange(cache_len, device=position_ids.device) > position_ids[..., None]
+        ctx_kw = dict(cache=cache, slots=slots, rows=rows, positions=position_ids, cache_len=cache_len,
+                      hidden=hidden)
+    elif segment_ids is not None:
+        if shared is not None:
+            raise ValueError("Transformer.forward: give segment_ids or shared, not both")
+        ctx_kw = dict(spans=segment_spans(segment_ids))
+        if position_ids is None:
+            position_ids = segment_positions(segment_ids)
+    elif shared is not None:
+        if position_ids is None or b != 1 or shared.collect.numel() != t:
+            raise ValueError("Transformer.forward: a shared-prefix row needs position_ids and one row of "
+                             f"the {shared.collect.numel()} tokens it describes, got {b} x {t}")
+        ctx_kw = dict(shared=shared)
+    if position_ids is None:
+        position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+    if routing is not None:
+        moe_layers = sum(map(config.is_moe_layer, range(config.num_hidden_layers)))
+        routing.check(b * t, moe_layers, config.num_experts_per_tok)
+    cos, sin = rope.cos_sin(config, position_ids, dtype)
+    return AttnContext(cos=cos, sin=sin, routing=routing, **ctx_kw)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -112,37 +150,9 @@ class Transformer(nn.Module):
         routing: filled with each MoE layer's experts for the B x T tokens, and replayed from
         its record when it has one (routing.py).
         """
-        b, t = input_ids.shape
-        ctx_kw = {}
-        if cache is not None:
-            if position_ids is None or slots is None:
-                raise ValueError("Transformer.forward: a KV cache needs position_ids and slots")
-            if segment_ids is not None or shared is not None:
-                raise ValueError("Transformer.forward: segment_ids or shared and a KV cache cannot be combined")
-            cache_len = int(position_ids.max()) + 1
-            rows = cache.rows(slots, position_ids, cache_len)
-            hidden = torch.arange(cache_len, device=position_ids.device) > position_ids[..., None]
-            ctx_kw = dict(cache=cache, slots=slots, rows=rows, positions=position_ids, cache_len=cache_len,
-                          hidden=hidden)
-        elif segment_ids is not None:
-            if shared is not None:
-                raise ValueError("Transformer.forward: give segment_ids or shared, not both")
-            ctx_kw = dict(spans=segment_spans(segment_ids))
-            if position_ids is None:
-                position_ids = segment_positions(segment_ids)
-        elif shared is not None:
-            if position_ids is None or b != 1 or shared.collect.numel() != t:
-                raise ValueError("Transformer.forward: a shared-prefix row needs position_ids and one row of "
-                                 f"the {shared.collect.numel()} tokens it describes, got {b} x {t}")
-            ctx_kw = dict(shared=shared)
-        if position_ids is None:
-            position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        if routing is not None:
-            c = self.config
-            routing.check(b * t, sum(map(c.is_moe_layer, range(c.num_hidden_layers))), c.num_experts_per_tok)
         h = self.embed(input_ids)  # [B, T, H]
-        cos, sin = rope.cos_sin(self.config, position_ids, h.dtype)
-        ctx = AttnContext(cos=cos, sin=sin, routing=routing, **ctx_kw)
+        ctx = attn_context(self.config, input_ids, h.dtype, position_ids=position_ids, segment_ids=segment_ids,
+                           shared=shared, cache=cache, slots=slots, routing=routing)
         for layer in self.layers:
             h = layer(h, ctx)
         h = self.norm(h)

@@ -18,8 +18,11 @@ holds the same norm and scales by the same coefficient. A non-finite norm is ret
 gradients become non-finite too, as with torch) for the caller to skip the step.
 
 Every rank must call this with the same parameters having gradients, in the same order: each group's
-reduction is a collective. Deliberately left out: norms other than L2, and pipeline parallelism (each
-stage holds other parameters, so the group norms would need one more sum over the pp mesh).
+reduction is a collective. Under pipeline parallelism each stage holds other parameters: `group` (the
+pp group) adds the stages' squared norms, and `uncounted` leaves out of the norm a gradient that
+another stage counts already (the last stage's copy of tied embeddings, whose gradient equals the
+first stage's once they are summed), though it is clipped like the others.
+Deliberately left out: norms other than L2.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
@@ -42,19 +46,27 @@ def _groups(parameters: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float, *, uncounted: Iterable[torch.Tensor] = (),
+                   group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Scales the gradients of `parameters` so that their global L2 norm is at most `max_norm`;
     returns the norm before scaling (a 0-d fp32 tensor, the same on every rank)."""
-    groups = _groups(parameters)
+    parameters = list(parameters)
+    skip = {id(p) for p in uncounted}
     squares = []
-    for params in groups:
+    for params in _groups(p for p in parameters if id(p) not in skip):
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         squares.append(norm.double() ** 2)  # fp64: a norm beyond 1.8e19 still squares finitely
-    if not squares:
+    if not squares and group is None:
         return torch.zeros(())
-    total = torch.stack([s.to(squares[0].device) for s in squares]).sum().sqrt().float()
-    for params in groups:
+    if squares:
+        total = torch.stack([s.to(squares[0].device) for s in squares]).sum()
+    else:  # a stage whose parameters have no gradient still adds its zero to the others'
+        total = torch.zeros((), dtype=torch.float64)
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    total = total.sqrt().float()
+    for params in _groups(parameters):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total

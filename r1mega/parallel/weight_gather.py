@@ -8,8 +8,11 @@ the consumer drops each bucket's tensors before asking for the next (the rollout
 in place). Every rank of the model's mesh must run the iterator to the end, in step: the gathers are
 collectives.
 
-Deliberately left out: pipeline parallelism (each stage would have to broadcast its own layers),
-renaming to an engine's layout (r1mega/rollout/sync does that), and dtype conversion.
+Under pipeline parallelism each rank holds its stages only: `PipelinedModel.engine_weights`
+(pipeline.py) runs this on each stage in turn and broadcasts the tensors over pp.
+
+Deliberately left out: renaming to an engine's layout (r1mega/rollout/sync does that), and dtype
+conversion.
 """
 
 from __future__ import annotations

@@ -78,9 +78,6 @@ def make_plan(w: Workload, cluster: ClusterConfig, *, imbalance: float = 1.0, sh
     ranks = [RankPlan(memory.memory_table(w, s, counts, cluster.hbm_bytes, cluster.device, imbalance),
                       phases.phase_times(w, s, counts, cluster, engine)) for s in cache[key]]
     notes = []
-    if d.pp > 1:
-        notes.append("pp > 1: the GRPO trainer refuses pipeline parallelism (r1mega/trainers/data_parallel.py); "
-                     "planned as pipeline_parallelize would split the model")
     if w.engine == "native" and d.world_size > 1:
         notes.append("the native engine holds the whole float32 model on every rank (rollout.engine=sglang "
                      "splits it over rollout.sglang.tp_size)")

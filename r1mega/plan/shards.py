@@ -150,7 +150,7 @@ def shard_bytes(config: ModelConfig, parallel, world: int, rank: int, *,
     """Rank `rank`'s shards of `config` parallelized by `parallel` (an r1mega.config.ParallelConfig or
     anything with its fields, plus optionally pp_schedule / pp_stages_per_rank) over `world` ranks."""
     from r1mega.parallel.parallelize import parallelize
-    from r1mega.parallel.pipeline import StageModule, _settings, stage_layers
+    from r1mega.parallel.pipeline import cut_stages, rank_stage_ids, schedule_settings
 
     with fake_world(world, rank):
         dims = ParallelDims.from_config(parallel, world)
@@ -163,15 +163,12 @@ def shard_bytes(config: ModelConfig, parallel, world: int, rank: int, *,
             shards = read_shards([model], rank, coords)
             shards.layers = list(range(config.num_hidden_layers))
             return shards
-        if model.lm_head is None:
-            raise ValueError("pipeline: tied input/output embeddings cannot be split over stages (tie_word_embeddings)")
-        _, per_rank, _ = _settings(parallel, dims.pp)
+        _, per_rank = schedule_settings(parallel, dims.pp)
         n_stages = dims.pp * per_rank
-        ranges = stage_layers(config.num_hidden_layers, n_stages)
-        ids = [coords["pp"] + k * dims.pp for k in range(per_rank)]
-        stages = [parallelize(StageModule(model, ranges[s], s == 0, s == n_stages - 1), dims, cfg) for s in ids]
+        ids = rank_stage_ids(dims.pp, per_rank, coords["pp"])
+        stages = [parallelize(stage, dims, cfg) for stage in cut_stages(model, n_stages, ids).values()]
         shards = read_shards(stages, rank, coords)
-        shards.layers = [i for s in ids for i in ranges[s]]
+        shards.layers = [int(i) for stage in stages for i in stage.layers]
         shards.first_stage, shards.last_stage = 0 in ids, n_stages - 1 in ids
         return shards
 

@@ -32,23 +32,30 @@ one tp group share a data-parallel rank: they draw, generate and train on the sa
 engines hold full weights), and their statistics are the same. Expert parallelism borrows data-parallel
 ranks (and tp ranks): the ep group's tokens meet at the experts through all_to_all inside the forward.
 
-Deliberately left out, and refused with the key to change: pipeline parallelism (the loss path runs the
-whole model on every rank and reads the output head after the forward; a pipeline's last stage alone
-holds it, and its schedule runs forward and backward together). Rollouts generated beside training
-(rollout.staleness) keep every collective on the main thread: rollout_source.py gathers after the step.
+Pipeline parallelism (parallel.pp > 1, r1mega/parallel/pipeline.py): the policy and the reference are
+cut into stages over the pp mesh; the ranks of one pipeline share a data-parallel rank, so they draw,
+generate and hold the same samples, and every micro-batch of theirs runs through the schedule, the
+fused loss (or logprob) head on the last stage, whose results every rank of the pipeline receives.
+A layout the model cannot take (more stages than layers) or the world cannot hold stops in `launch`,
+before any work. Rollouts generated beside training (rollout.staleness) keep every collective on the
+main thread: rollout_source.py gathers after the step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
+from r1mega.models import preset
 from r1mega.models.balance import moe_layers
-from r1mega.parallel import ParallelDims, init_distributed, parallelize
+from r1mega.parallel import ParallelDims, init_distributed, parallelize, pipeline_parallelize
+from r1mega.parallel.pipeline import schedule_settings
 from r1mega.parallel.checkpointing import apply_activation_checkpointing
 from r1mega.parallel.fsdp import sum_gradients
 from r1mega.rewards import ScoreResult
@@ -61,10 +68,35 @@ _GLOBAL_STATS = ("train/grad_norm", "train/nan_steps")
 _EXTREME_OPS = {min: dist.ReduceOp.MIN, max: dist.ReduceOp.MAX}
 
 
-def _refuse_unsupported(parallel) -> None:
-    if parallel.pp != 1:
-        raise ValueError(f"parallel.pp={parallel.pp}: GRPO training does not run pipeline parallel; set parallel.pp=1 "
-                         "(parallel.dp_shard, dp_replicate, tp and ep apply)")
+def model_layers(model_cfg) -> int:
+    """The policy's layer count, from its config alone (no weights read)."""
+    if model_cfg.path:
+        path = Path(model_cfg.path) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"model.path={model_cfg.path} has no config.json")
+        return int(json.loads(path.read_text())["num_hidden_layers"])
+    return preset(model_cfg.preset).num_hidden_layers
+
+
+def check_layout(cfg, world: int) -> None:
+    """The parallel layout against the world size and the model, before any work, the key named."""
+    parallel = cfg.parallel
+    if parallel.pp < 1:
+        raise ValueError(f"parallel.pp={parallel.pp}: must be >= 1")
+    if parallel.pp > 1:
+        if cfg.model.backend != "native":
+            raise ValueError(f"parallel.pp={parallel.pp} with model.backend={cfg.model.backend}: pipeline parallelism "
+                             "runs the native backend only")
+        _, per_rank = schedule_settings(parallel, parallel.pp)
+        layers = model_layers(cfg.model)
+        if parallel.pp * per_rank > layers:
+            raise ValueError(f"parallel.pp={parallel.pp} x parallel.pp_stages_per_rank={per_rank} pipeline stages, "
+                             f"but the model has {layers} layers: a stage would hold none")
+    rest = parallel.pp * parallel.tp * parallel.dp_replicate * (parallel.dp_shard if parallel.dp_shard > 0 else 1)
+    if world % rest:
+        raise ValueError(f"parallel.pp={parallel.pp} x parallel.tp={parallel.tp} x parallel.dp_replicate="
+                         f"{parallel.dp_replicate} x parallel.dp_shard={parallel.dp_shard} does not divide the world "
+                         f"size {world}")
 
 
 class DataParallel:
@@ -84,13 +116,14 @@ class DataParallel:
     @classmethod
     def launch(cls, cfg, device: torch.device) -> tuple["DataParallel", torch.device]:
         """From the environment torchrun sets: (the data-parallel group, this rank's device)."""
-        _refuse_unsupported(cfg.parallel)
-        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-            split = {key: getattr(cfg.parallel, key) for key in ("tp", "ep") if getattr(cfg.parallel, key) != 1}
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world == 1:
+            split = {key: getattr(cfg.parallel, key) for key in ("tp", "ep", "pp") if getattr(cfg.parallel, key) != 1}
             if split:
                 raise ValueError(f"{', '.join(f'parallel.{k}={v}' for k, v in split.items())} needs as many processes: "
                                  "launch with torchrun --nproc-per-node N")
             return cls(parallel_cfg=cfg.parallel), device
+        check_layout(cfg, world)
         _, world, device = init_distributed(backend="nccl" if device.type == "cuda" else "gloo")
         dims = ParallelDims.from_config(cfg.parallel, world)
         dims.build_mesh(device.type)
@@ -116,12 +149,18 @@ class DataParallel:
             dist.barrier()
 
     def parallelize(self, model):
-        """FSDP2 over the data-parallel ranks, gradients summed. The root's parameters (embedding, final
-        norm, output head) stay gathered after a forward: the loss reads `output_weight` after it. In one
-        process: activation checkpointing only (parallel.activation_checkpointing)."""
+        """FSDP2 over the data-parallel ranks, gradients summed (each pipeline stage's, when pp > 1). The
+        root's parameters (embedding, final norm, output head) stay gathered after a forward: the loss
+        reads the output weight after it. In one process: activation checkpointing only
+        (parallel.activation_checkpointing)."""
         if self.dims is None:
             mode = self.parallel_cfg.activation_checkpointing if self.parallel_cfg is not None else "none"
             return apply_activation_checkpointing(model, mode)
+        if self.dims.pp > 1:
+            pipe = pipeline_parallelize(model, self.dims, self.parallel_cfg)
+            for stage in pipe.stages.values():
+                sum_gradients(stage)
+            return pipe
         return sum_gradients(parallelize(model, self.dims, self.parallel_cfg))
 
     # ---- rollouts

@@ -19,9 +19,10 @@ from, with DAPO's dynamic sampling, partial rollouts, or generated ahead while t
 
 Under torchrun the same order runs on every rank with data parallelism (data_parallel.py): each rank
 generates and scores its share of the questions, the rollouts are gathered, each rank runs its share of
-every mini-batch on the FSDP-sharded policy (DDP-replicated with model.backend=megatron), and the
-metrics are those of the global batch; rank 0
-alone writes metrics, plots and progress. Checkpoints are then distributed (parallel/dist_checkpoint.py).
+every mini-batch on the FSDP-sharded policy (DDP-replicated with model.backend=megatron; cut into
+pipeline stages with parallel.pp > 1, the loss on the last stage), and the metrics are those of the
+global batch; rank 0 alone writes metrics, plots and progress. Checkpoints are then distributed
+(parallel/dist_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ class GRPOTrainer:
         self.cfg, algo = cfg, cfg.algo
         self.steps_per_rollout = steps_per_rollout(algo)
         check_algo(algo)
+        if algo.routing_replay and cfg.parallel.pp > 1:
+            raise ValueError(f"algo.routing_replay=true with parallel.pp={cfg.parallel.pp}: a pipeline's stages do not "
+                             "replay routing yet; set parallel.pp=1 or algo.routing_replay=false")
         if algo.ref_reset_every % self.steps_per_rollout:
             raise ValueError(f"algo.ref_reset_every={algo.ref_reset_every} must be a multiple of the steps of a "
                              f"rollout ({self.steps_per_rollout}: algo.inner_epochs * algo.train_batch_size / "

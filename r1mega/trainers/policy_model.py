@@ -14,9 +14,14 @@ of its policy; the functions below use a backend's method of the same name when 
 native model's otherwise, so the trainer never asks which backend it has; `reset_reference` loads the
 policy's weights into the native reference.
 
-Deliberately left out: megatron's tensor and expert parallelism under the trainer (parallel.tp and
-parallel.ep are refused with model.backend=megatron: the rollout engine's weight export and the
-expert-parallel weight loading do not gather or split megatron's shards yet), activation
+A pipelined native policy (r1mega.parallel.pipeline.PipelinedModel) brings its own `engine_weights` and
+`expert_load_stats` (its stages hold other layers each); its reference is pipelined alike, so
+`reset_reference` loads it by state dict, stage by stage.
+
+Deliberately left out: megatron's tensor, expert and pipeline parallelism under the trainer
+(parallel.tp, parallel.ep and parallel.pp are refused with model.backend=megatron: the rollout
+engine's weight export and the expert-parallel weight loading do not gather or split megatron's
+shards yet), activation
 checkpointing of a megatron policy (refused: r1mega's wraps native blocks), and megatron's DDP and
 distributed optimizer (replicate.py says why).
 """
@@ -71,8 +76,8 @@ def reset_reference(reference: nn.Module, policy: nn.Module) -> None:
     """Loads the policy's weights into the reference model (native, sharded over the data-parallel
     ranks under torchrun as a native policy would be)."""
     own = getattr(policy, "engine_weights", None)
-    if own is None:
-        reference.load_state_dict(policy.state_dict())  # the same model, sharded alike
+    if own is None or type(policy) is type(reference):
+        reference.load_state_dict(policy.state_dict())  # the same model, sharded (and pipelined) alike
         return
     # Whole tensors under native names, the same on every rank: each rank cuts its own shards.
     layout = reference.state_dict()

@@ -27,7 +27,6 @@ must take the same steps.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from typing import Callable
@@ -39,7 +38,7 @@ from r1mega.ops.linear_grpo_loss import linear_grpo_loss
 from r1mega.parallel.grad_clip import clip_grad_norm
 from r1mega.trainers.algorithms import corrects_rollouts
 from r1mega.trainers.rollout_batch import RolloutBatch
-from r1mega.trainers.token_batch import response_hidden, response_logprobs
+from r1mega.trainers.token_batch import logprob_head, run_micro_batches
 
 # linear_grpo_loss's statistics that are extremes over valid tokens: (how two combine, the value of no
 # token). The others are means over valid tokens.
@@ -52,10 +51,16 @@ def sequence_logprobs(model, batch: RolloutBatch, *, temperature: float, token_b
     """Logprob [S, R] of each response token under `model` (0 where masked); with `replay_routing`, routed
     to the engine's experts (the batch's routing record, token_batch.py)."""
     out = torch.zeros_like(batch.mask)
-    for index in batch.micro_batches(token_budget):
-        micro = batch.select(index)
-        _place(out, index, response_logprobs(model, micro, temperature=temperature, device=device,
-                                             routing=_replayed(micro, replay_routing)))
+    indices = batch.micro_batches(token_budget)
+    micro_batches = [batch.select(index) for index in indices]
+
+    def head(hidden, weight, micro):
+        return None, logprob_head(hidden, weight, micro, temperature=temperature).cpu()
+
+    logps = run_micro_batches(model, micro_batches, head, device=device, backward=False,
+                              routings=[_replayed(micro, replay_routing) for micro in micro_batches])
+    for index, logp in zip(indices, logps):
+        _place(out, index, logp)
     return out
 
 
@@ -116,12 +121,11 @@ def _micro_stats(stats: dict[str, torch.Tensor], micro: RolloutBatch) -> dict[st
     return {key: float(value) for key, value in stats.items() if key not in EXTREMES or micro.loss_tokens().any()}
 
 
-def _local_gradients(model, keep: bool):
-    """Around a micro-batch's forward and backward: with `keep`, a replicated (DDP) policy keeps its
-    gradients local, to be summed over ranks with the step's last micro-batch (parallel/replicate.py).
-    FSDP2 reduces each micro-batch's gradients as they come, which a sum gets right as it is."""
-    no_sync = getattr(model, "no_sync", None)
-    return no_sync() if keep and no_sync is not None else contextlib.nullcontext()
+def clip_gradients(model, max_norm: float) -> torch.Tensor:
+    """The global gradient norm, clipped to `max_norm`: the model's own `clip_grad_norm` when it has one
+    (a pipeline's stages hold other parameters each), r1mega.parallel.grad_clip's otherwise."""
+    own = getattr(model, "clip_grad_norm", None)
+    return own(max_norm) if own is not None else clip_grad_norm(model.parameters(), max_norm)
 
 
 def steps_per_rollout(algo) -> int:
@@ -176,25 +180,29 @@ def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens
         mini = batch.select(members)
         optimizer.zero_grad(set_to_none=True)
         step_stats = {"loss": 0.0, **_no_tokens()}
-        micro_batches = mini.micro_batches(algo.token_budget)
-        for n, index in enumerate(micro_batches):
-            micro = mini.select(index)
-            with _local_gradients(model, keep=n < len(micro_batches) - 1):
-                hidden = response_hidden(model, micro, device, _replayed(micro, algo.routing_replay))
-                ref = None if beta == 0.0 else micro.ref_logp.to(device)
-                old = None if on_policy else micro.old_logp.to(device)
-                loss, stats, logp = linear_grpo_loss(
-                    hidden, model.output_weight, micro.response_ids.to(device), old, ref,
-                    micro.advantages.to(device), micro.loss_tokens().to(device), temperature=temperature,
-                    clip_low=algo.clip_low, clip_high=algo.clip_high, beta=beta, agg=algo.agg,
-                    max_len=max_new_tokens, ratio=algo.ratio, return_logp=True)
-                share = _share(micro, mini, algo.agg)
-                (loss * share).backward()
+        indices = mini.micro_batches(algo.token_budget)
+
+        def head(hidden, weight, micro):
+            ref = None if beta == 0.0 else micro.ref_logp.to(hidden.device)
+            old = None if on_policy else micro.old_logp.to(hidden.device)
+            loss, stats, logp = linear_grpo_loss(
+                hidden, weight, micro.response_ids.to(hidden.device), old, ref, micro.advantages.to(hidden.device),
+                micro.loss_tokens().to(hidden.device), temperature=temperature, clip_low=algo.clip_low,
+                clip_high=algo.clip_high, beta=beta, agg=algo.agg, max_len=max_new_tokens, ratio=algo.ratio,
+                return_logp=True)
+            share = _share(micro, mini, algo.agg)
+            logp = (logp.detach() * micro.mask.to(logp.device)).cpu()
+            return loss * share, (loss.item() * share, _micro_stats(stats, micro), logp)
+
+        micro_batches = [mini.select(index) for index in indices]
+        results = run_micro_batches(model, micro_batches, head, device=device, backward=True,
+                                    routings=[_replayed(micro, algo.routing_replay) for micro in micro_batches])
+        for index, micro, (loss, stats, logp) in zip(indices, micro_batches, results):
             if on_policy:
-                _place(current_logp, [members[i] for i in index], logp * micro.mask.to(logp.device))
-            step_stats["loss"] += loss.item() * share
-            _add(step_stats, _micro_stats(stats, micro), _share(micro, mini, "token-mean"))  # token means
-        grad_norm = clip_grad_norm(model.parameters(), algo.grad_clip)
+                _place(current_logp, [members[i] for i in index], logp)
+            step_stats["loss"] += loss
+            _add(step_stats, stats, _share(micro, mini, "token-mean"))  # token means
+        grad_norm = clip_gradients(model, algo.grad_clip)
         finite = _finite_on_every_rank(step_stats["loss"], grad_norm, device)
         if finite:
             optimizer.step()

@@ -4,7 +4,9 @@ Used for the tiny base model's pretraining on demonstrations, for cold start, fo
 rejection-sampled data and for distillation. The loss is the mean negative log-likelihood over every
 response token of a batch, through the chunked `linear_logprob` (no [tokens, vocabulary] tensor).
 
-- `train_sft`: token-id pairs, a fixed number of steps, linear warm-up then cosine (or constant).
+- `train_sft`: token-id pairs, a fixed number of steps, linear warm-up then cosine (or constant); the
+  model may be a pipeline (r1mega.parallel.pipeline, every pp rank calling with the same pairs): its
+  micro-batches then run through the schedule, the loss on the last stage.
 - `sft_examples`: dataset rows ({"prompt","response"} through a template, or {"messages"} in ChatML,
   see r1mega.data.datasets.sft_texts) -> token-id pairs, each response closed by the EOS token.
 - `fine_tune`: rows -> epochs of `train_sft`, then the model saved as a native checkpoint (with its
@@ -25,19 +27,24 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from r1mega.trainers.schedule import lr_factor
-from r1mega.trainers.token_batch import TokenBatch, response_logprobs
+from r1mega.trainers.token_batch import TokenBatch, logprob_head, run_micro_batches
 
 
 def sft_step(model, optimizer, batch: TokenBatch, *, token_budget: int, grad_clip: float, device) -> float:
     optimizer.zero_grad(set_to_none=True)
     tokens = batch.mask.sum().clamp(min=1)
-    total = 0.0
-    for index in batch.micro_batches(token_budget):
-        micro = batch.select(index)
-        loss = -response_logprobs(model, micro, temperature=1.0, device=device).sum() / tokens
-        loss.backward()
-        total += loss.item()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+
+    def head(hidden, weight, micro):
+        loss = -logprob_head(hidden, weight, micro, temperature=1.0).sum() / tokens.to(hidden.device)
+        return loss, loss.item()
+
+    micro_batches = [batch.select(index) for index in batch.micro_batches(token_budget)]
+    total = sum(run_micro_batches(model, micro_batches, head, device=device, backward=True))
+    own = getattr(model, "clip_grad_norm", None)  # a pipeline's: its stages hold other parameters each
+    if own is not None:
+        own(grad_clip)
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return total
 

@@ -13,8 +13,10 @@ last token, which the engine never fed, routes itself.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -86,6 +88,27 @@ class TokenBatch:
         return list(groups.values())
 
 
+@dataclass
+class PackedRow:
+    """A micro-batch as the model reads it: one [1, T] row in which the samples of a prompt share one copy
+    of it (shared_prefix.py), and where in the row's output lies the hidden state that predicts each
+    response token."""
+
+    input_ids: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T]
+    shared: SharedPrefixRow
+    at: torch.Tensor  # [S, R]: the stored token whose hidden state predicts each response token
+    routing: Optional[Routing] = None  # the row's tokens' routing record to replay
+
+    def forward_kwargs(self) -> dict:
+        replay = {} if self.routing is None else {"routing": self.routing}
+        return {"position_ids": self.position_ids, "shared": self.shared, **replay}
+
+    def select(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The row's hidden states [1, T, H] -> those that predict the response tokens [S, R, H]."""
+        return hidden[0][self.at]
+
+
 def _response_record(record: torch.Tensor, prompt_len: int, response_len: int) -> torch.Tensor:
     """A sample's record [P + n - 1, L, k] cut to its response's n tokens, the last one NO_RECORD."""
     part = record[prompt_len:prompt_len + response_len]
@@ -93,10 +116,8 @@ def _response_record(record: torch.Tensor, prompt_len: int, response_len: int) -
     return torch.cat([part, missing])
 
 
-def response_hidden(model, batch: TokenBatch, device, routing: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """Hidden states [S, R, H] that predict each response token, from one packed forward pass in which
-    samples with the same prompt share one copy of it (shared_prefix.py). `routing`: per sample, the
-    engine's routing record [P + n - 1, L, k], replayed (module docstring)."""
+def packed_row(batch: TokenBatch, device, routing: list[torch.Tensor] | None = None) -> PackedRow:
+    """`routing`: per sample, the engine's routing record [P + n - 1, L, k], replayed (module docstring)."""
     if not all(batch.prompt_ids):
         raise ValueError("a sample has an empty prompt: its first response token has no position to be predicted at")
     tokens, positions, groups, order = [], [], [], []  # order: the sample of each sequence of the row
@@ -119,10 +140,7 @@ def response_hidden(model, batch: TokenBatch, device, routing: list[torch.Tensor
         groups.append((prefix, suffixes))
         order += members
     shared = SharedPrefixRow.from_groups(groups, len(tokens), device)
-    input_ids = torch.tensor(tokens, device=device)[None]
     replay = None if routing is None else Routing(replay=torch.cat(records).to(device))
-    hidden = model(input_ids, position_ids=torch.tensor(positions, device=device)[None], shared=shared,
-                   routing=replay, return_hidden=True)[0]  # [T, H]
     # Response token j is predicted at sequence position prompt_len + j - 1, found through the row's
     # sequences laid end to end (`expand`); masked columns point at the sequence's last token (any
     # valid index will do, their loss is 0).
@@ -130,17 +148,66 @@ def response_hidden(model, batch: TokenBatch, device, routing: list[torch.Tensor
     prompt_lens = torch.tensor([len(p) for p in batch.prompt_ids])
     columns = torch.arange(batch.response_ids.shape[1])
     at = torch.minimum(prompt_lens[:, None] - 1 + columns, (spans[:, 1] - spans[:, 0] - 1)[:, None]) + spans[:, :1]
-    return hidden[shared.expand[at.to(device)]]  # [S, R, H]
+    return PackedRow(torch.tensor(tokens, device=device)[None], torch.tensor(positions, device=device)[None], shared,
+                     shared.expand[at.to(device)], replay)
+
+
+def response_hidden(model, batch: TokenBatch, device, routing: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Hidden states [S, R, H] that predict each response token, from one packed forward pass in which
+    samples with the same prompt share one copy of it (shared_prefix.py); `routing` as `packed_row`'s."""
+    row = packed_row(batch, device, routing)
+    return row.select(model(row.input_ids, **row.forward_kwargs(), return_hidden=True))
+
+
+# head(hidden [S, R, H], output weight [V, H], micro-batch) -> (the loss to differentiate or None, a result)
+Head = Callable[[torch.Tensor, torch.Tensor, TokenBatch], tuple[Optional[torch.Tensor], Any]]
+
+
+def run_micro_batches(model, micro_batches: list[TokenBatch], head: Head, *, device, backward: bool,
+                      routings: list | None = None) -> list:
+    """Each micro-batch's packed forward, then `head` on the hidden states that predict its response
+    tokens (so the output projection happens in the fused loss op, and [T, V] logits never exist), then,
+    with `backward`, the backward of the loss it returns. Returns the heads' results in order.
+
+    A pipelined policy (r1mega.parallel.pipeline) runs them through its schedule instead: the head runs
+    on the last stage, and its results come back to every rank. A replicated (DDP) policy keeps its
+    gradients local until the last micro-batch (parallel/replicate.py); FSDP2 reduces each micro-batch's
+    gradients as they come, which a sum gets right as it is. `routings`: each micro-batch's routing
+    records to replay (`packed_row`), or None."""
+    rows = [packed_row(micro, device, routing)
+            for micro, routing in zip(micro_batches, routings or [None] * len(micro_batches))]
+    own = getattr(model, "run_micro_batches", None)
+    if own is not None:
+        heads = [lambda hidden, weight, row=row, micro=micro: head(row.select(hidden), weight, micro)
+                 for row, micro in zip(rows, micro_batches)]
+        return own([(row.input_ids, row.forward_kwargs()) for row in rows], heads, backward=backward)
+    results = []
+    for n, (row, micro) in enumerate(zip(rows, micro_batches)):
+        no_sync = getattr(model, "no_sync", None)
+        keep = backward and no_sync is not None and n < len(rows) - 1
+        with no_sync() if keep else contextlib.nullcontext():
+            hidden = row.select(model(row.input_ids, **row.forward_kwargs(), return_hidden=True))
+            loss, result = head(hidden, model.output_weight, micro)
+            if backward:
+                loss.backward()
+        results.append(result)
+    return results
 
 
 def response_logprobs(model, batch: TokenBatch, *, temperature: float, device,
                       routing: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Logprob [S, R] of each response token, differentiable, through the chunked `linear_logprob`;
     `routing` replayed as `response_hidden` does."""
+    return logprob_head(response_hidden(model, batch, device, routing), model.output_weight, batch,
+                        temperature=temperature)
+
+
+def logprob_head(hidden: torch.Tensor, weight: torch.Tensor, batch: TokenBatch, *, temperature: float) -> torch.Tensor:
+    """hidden [S, R, H] -> logprob [S, R] of each response token (0 where masked), through the chunked
+    `linear_logprob`."""
     from r1mega.ops.linear_logprob import linear_logprob
 
-    hidden = response_hidden(model, batch, device, routing)
     s, r, h = hidden.shape
-    logp, _ = linear_logprob(hidden.reshape(s * r, h), model.output_weight, batch.response_ids.to(device).reshape(-1),
+    logp, _ = linear_logprob(hidden.reshape(s * r, h), weight, batch.response_ids.to(hidden.device).reshape(-1),
                              temperature=temperature)
-    return logp.view(s, r) * batch.mask.to(device)
+    return logp.view(s, r) * batch.mask.to(hidden.device)

@@ -13,10 +13,15 @@ from r1mega.config import register_configs
 from r1mega.trainers.grpo import train
 
 
-if __name__ == "__main__":
+def config(argv: list[str]):
+    """The run's config from argv (out_dir, then overrides)."""
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = OmegaConf.to_object(compose("config", overrides=[f"train.out_dir={sys.argv[1]}", *sys.argv[2:]]))
+        cfg = OmegaConf.to_object(compose("config", overrides=[f"train.out_dir={argv[0]}", *argv[1:]]))
     # math_accuracy adds the `accuracy` metric (always 0 for a random model); the digits give the signal.
     cfg.reward.components = {"test_digit_share": 1.0, "math_accuracy": 1.0}
-    train(cfg)
+    return cfg
+
+
+if __name__ == "__main__":
+    train(config(sys.argv[1:]))

@@ -64,7 +64,7 @@ def measure_layout(rank: int, world: int, dims_kw: dict, out_dir: str) -> None:
 
 def measure_pipeline(rank: int, world: int, dims_kw: dict, out_dir: str) -> None:
     """The same, with the model cut into pipeline stages by pipeline_parallelize (1F1B) and one schedule
-    step of forward and backward."""
+    run of forward and backward over two micro-batches."""
     from r1mega.parallel import pipeline_parallelize
 
     torch.manual_seed(0)
@@ -74,12 +74,12 @@ def measure_pipeline(rank: int, world: int, dims_kw: dict, out_dir: str) -> None
     pipe = pipeline_parallelize(Transformer(config), dims, SimpleNamespace(activation_checkpointing="none"))
     optimizer = torch.optim.AdamW(pipe.parameters(), lr=1e-3)
     ids = torch.randint(config.vocab_size, (4, 17), generator=torch.Generator().manual_seed(0))
-    pipe.step(ids[:, :-1], ids[:, 1:])
+    micro = ids.split(2)
+
+    def head(targets):
+        return lambda hidden, weight: (F.cross_entropy(F.linear(hidden, weight).flatten(0, 1), targets.flatten()), None)
+
+    pipe.run_micro_batches([(m[:, :-1], {}) for m in micro], [head(m[:, 1:]) for m in micro], backward=True)
     optimizer.step()
-
-    class Stages(torch.nn.Module):  # measured_bytes reads .parameters()
-        def parameters(self):
-            return iter(pipe.parameters())
-
     with open(f"{out_dir}/rank{dist.get_rank()}.json", "w") as f:
-        json.dump(measured_bytes(Stages(), optimizer), f)
+        json.dump(measured_bytes(pipe, optimizer), f)

@@ -1,6 +1,6 @@
 """Settings of the GRPO trainer that are honoured or refused, never silently ignored: model.init and
 model.dtype, the KL folded into the reward (logged as what was folded in), activation checkpointing
-in one process, and no pipeline-parallel keys for a trainer that does not run pipeline parallel."""
+in one process, and pipeline layouts that cannot run, refused before any work with the key named."""
 
 import copy
 
@@ -15,6 +15,7 @@ from r1mega.config import DataConfig, ModelConfig, register_configs
 from r1mega.data.tokenizer import build_default_tokenizer
 from r1mega.models.balance import moe_layers
 from r1mega.trainers.base_model import pretrained_base
+from r1mega.trainers.data_parallel import check_layout
 from r1mega.trainers.grpo import GRPOTrainer
 from r1mega.trainers.rollout_batch import RolloutBatch
 from r1mega.trainers.token_batch import response_logprobs
@@ -29,12 +30,32 @@ def test_model_settings_the_trainer_cannot_honour_are_refused(tmp_path, override
         GRPOTrainer(grpo_config(tmp_path, override))
 
 
-@pytest.mark.parametrize("key", ["pp_schedule=interleaved_1f1b", "pp_stages_per_rank=2", "pp_microbatches=4"])
-def test_pipeline_parallel_keys_are_not_grpo_settings(key):
+def test_pipeline_micro_batches_are_not_a_setting():
+    """The trainer's micro-batches are packed by algo.token_budget, under pp as without it."""
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        with pytest.raises(ConfigCompositionException, match=key.split("=")[0]):
-            compose("config", overrides=[f"parallel.{key}"])
+        with pytest.raises(ConfigCompositionException, match="pp_microbatches"):
+            compose("config", overrides=["parallel.pp_microbatches=4"])
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["parallel.pp=8"], 8, "parallel.pp=8 x parallel.pp_stages_per_rank=1 pipeline stages, but the model has 4 "),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_stages_per_rank=4"], 2,
+     "parallel.pp=2 x parallel.pp_stages_per_rank=4 pipeline stages, but the model has 4 layers: a stage would hold"),
+    (["parallel.pp=2"], 3, "parallel.pp=2 x parallel.tp=1 .* does not divide the world size 3"),
+    (["parallel.pp=2", "parallel.tp=2"], 6, "parallel.pp=2 x parallel.tp=2 .* does not divide the world size 6"),
+    (["parallel.pp=2", "parallel.pp_schedule=zigzag"], 2, "parallel.pp_schedule='zigzag'"),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"], 2, "parallel.pp_stages_per_rank=1"),
+    (["parallel.pp=2", "model.backend=megatron"], 2, "model.backend=megatron: pipeline parallelism runs the native"),
+])
+def test_bad_pipeline_layouts_stop_before_any_work(tmp_path, overrides, world, message):
+    with pytest.raises(ValueError, match=message):
+        check_layout(grpo_config(tmp_path, *overrides), world)
+
+
+def test_pipeline_parallel_in_one_process_asks_for_torchrun(tmp_path):
+    with pytest.raises(ValueError, match="parallel.pp=2 needs as many processes"):
+        GRPOTrainer(grpo_config(tmp_path, "parallel.pp=2"))
 
 
 def test_kl_in_reward_logs_the_kl_it_folds_in(tmp_path):

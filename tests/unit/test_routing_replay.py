@@ -164,3 +164,13 @@ def test_the_trainer_replays_the_engine_record(tmp_path):
 
     trainer.engine.generate = other_experts
     assert trainer.train_step()["rollout/logprob_mismatch"] > 1e-2  # the loss pass routed by the record
+
+
+def test_routing_replay_under_pipeline_parallelism_is_refused_before_any_work():
+    from r1mega.config import Config
+    from r1mega.trainers.grpo import GRPOTrainer
+
+    cfg = Config()
+    cfg.algo.routing_replay, cfg.parallel.pp = True, 2
+    with pytest.raises(ValueError, match=r"algo\.routing_replay.*parallel\.pp=2"):
+        GRPOTrainer(cfg)
