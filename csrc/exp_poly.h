@@ -7,7 +7,7 @@
 //
 // A fragment with no include guard: the CPU kernel includes it once per ISA namespace. The includer
 // defines R1MEGA_EXP_QUALIFIERS and, for its types, `where(mask, a, b)`, `to_int` (float -> int32
-// lanes) and `as_float` (the bits of int32 lanes as float).
+// lanes) and `as_float` (the bits of int32 lanes as float): csrc/lanes.h on the CPU.
 template <typename V>
 R1MEGA_EXP_QUALIFIERS V exp_poly(V x) {
   constexpr float kHi = 88.72283935546875f, kLo = -87.3f, kRound = 12582912.0f;

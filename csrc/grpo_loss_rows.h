@@ -4,28 +4,12 @@
 // vectors must be defined under the target it is meant for. Needs VecF, VecI, kLanes, kPartials and
 // Rows from grpo_loss.cpp.
 
-// The few operations that differ between a scalar and a VecF; everything else is written once.
-inline int32_t to_int(float x) { return static_cast<int32_t>(x); }
-inline VecI to_int(VecF x) { return __builtin_convertvector(x, VecI); }
-inline float as_float(int32_t x) { return std::bit_cast<float>(x); }
-inline VecF as_float(VecI x) { return std::bit_cast<VecF>(x); }
-inline float where(bool c, float a, float b) { return c ? a : b; }
-inline double where(bool c, double a, double b) { return c ? a : b; }
-// Bitwise, not `c ? a : b`: GCC 12 lowers a vector ?: on a mask that is not a comparison lane by lane.
-inline VecF where(VecI c, VecF a, VecF b) {
-  return std::bit_cast<VecF>((std::bit_cast<VecI>(a) & c) | (std::bit_cast<VecI>(b) & ~c));
-}
-// Mask logic: && || ! on GCC vectors are lowered lane by lane; bitwise operations on -1/0 lanes are not.
-inline bool both(bool a, bool b) { return a && b; }
-inline VecI both(VecI a, VecI b) { return a & b; }
-inline bool either(bool a, bool b) { return a || b; }
-inline VecI either(VecI a, VecI b) { return a | b; }
-inline bool negate(bool a) { return !a; }
-inline VecI negate(VecI a) { return ~a; }
+#include "lanes.h"
 
 #define R1MEGA_EXP_QUALIFIERS inline
 #include "exp_poly.h"
 #undef R1MEGA_EXP_QUALIFIERS
+
 inline float exp_fast(float x) { return exp_poly(x); }
 inline VecF exp_fast(VecF x) { return exp_poly(x); }
 inline double exp_fast(double x) { return std::exp(x); }  // fp64 is for gradcheck, not speed
