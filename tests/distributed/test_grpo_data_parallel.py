@@ -99,6 +99,7 @@ def test_routing_replay_under_expert_parallel_matches_one_process(tmp_path):
     assert_same(one, metrics_rows(tmp_path / "ep2"), order_noise(one, metrics_rows(tmp_path / "split")))
 
 
+@pytest.mark.slow  # a minute or more on a 2-core CPU (two torchrun launches)
 def test_dapo_with_rollout_correction_two_processes_match_one(straight, tmp_path):
     # Dynamic sampling's rounds draw, generate and gather on every rank in step, and every rank keeps the same
     # groups; the correction's weights and masks come from the gathered batch.
@@ -111,6 +112,7 @@ def test_dapo_with_rollout_correction_two_processes_match_one(straight, tmp_path
     assert_same(one, metrics_rows(tmp_path / "two"), noise)
 
 
+@pytest.mark.slow  # a minute or more on a 2-core CPU (two torchrun launches)
 def test_one_step_off_two_processes_match_one(straight, tmp_path):
     # Each rank generates its share of the next batch on a background thread (no collective there); the
     # gather runs on the main thread after the training step, before the weights change.
@@ -123,6 +125,7 @@ def test_one_step_off_two_processes_match_one(straight, tmp_path):
     _assert_distributed_checkpoint(tmp_path / "two")
 
 
+@pytest.mark.slow  # a minute or more on a 2-core CPU (two torchrun launches)
 def test_partial_rollouts_resume_under_torchrun(tmp_path):
     # Every rank keeps its own questions in flight (partial_rollouts_rank<r>.pt beside the shards): a run
     # stopped at a checkpoint and resumed trains on the same carried questions as one never stopped.
