@@ -142,7 +142,7 @@ def test_cli_rejects_unknown_and_ill_typed_keys(tmp_path):
 
 @pytest.mark.parametrize("override,message", [("parallel.tp=2", "parallel.tp=2 needs as many processes"),
                                               ("parallel.ep=2", "parallel.ep=2 needs as many processes"),
-                                              ("parallel.pp=2", "does not run pipeline parallel")])
+                                              ("parallel.pp=2", "parallel.pp=2 needs as many processes")])
 def test_parallel_settings_one_process_cannot_honour_are_refused(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         GRPOTrainer(make_config(tmp_path, override))
