@@ -72,8 +72,9 @@ def correct_rollouts(batch: RolloutBatch, correction) -> dict[str, float]:
         weights = importance_weights(batch.old_logp, batch.engine_logp, batch.mask, level=correction.weights,
                                      cap=correction.weight_cap)  # [S, R]
         valid = batch.mask != 0
-        stats["correction/weight_mean"] = float(weights[valid].mean()) if valid.any() else 0.0
-        stats["correction/truncated"] = float((weights[valid] >= correction.weight_cap).float().mean()) if valid.any() else 0.0
+        kept = weights[valid] if valid.any() else weights.new_zeros(1)
+        stats["correction/weight_mean"] = float(kept.mean())
+        stats["correction/truncated"] = float((kept >= correction.weight_cap).float().mean())
         adv = batch.advantages
         batch.advantages = (adv[:, None] if adv.dim() == 1 else adv) * weights
     if correction.mask != "none":
