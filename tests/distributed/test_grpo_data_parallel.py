@@ -38,9 +38,9 @@ The megatron runs (megatron_grpo_worker.py shims megatron-core onto the CPU) com
 process of the same backend, within the noise of a one-process megatron run with another token budget.
 Their small token budget packs each mini-batch into several micro-batches per rank, so that gradients
 accumulate before DDP sums them; the reference is reset from the megatron policy every 2 rollouts. The
-bugs: DDP's default average halves the gradient (the loss at the next step moves with it), summing the accumulated gradient of every micro-batch counts the
-earlier ones twice, and expert loads left unsummed give each rank other biases and the reported loads
-of half the batch.
+bugs: DDP's default average halves the gradient (the loss at the next step moves with it), summing the
+accumulated gradient of every micro-batch counts the earlier ones twice, and expert loads left unsummed
+give each rank other biases and the reported loads of half the batch.
 """
 
 import shutil
