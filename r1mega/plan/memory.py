@@ -16,8 +16,8 @@ Terms, and where each comes from:
 - FSDP gathers: the root unit (embedding, final norm, head: kept gathered through forward and
   backward), the last block (kept gathered for the backward), and three times the largest other
   unit (the one computing, the one prefetched, and its unsharded gradients before reduce-scatter).
-- activations: activations.py, at the micro-batch's tokens (the token budget, or one whole longest
-  sequence when that is longer: a sample is never split).
+- activations: activations.py, at the micro-batch's tokens (workload.micro_batch_tokens: the token
+  budget, at most the rank's share of a mini-batch, at least one whole longest sequence).
 - weight-sync bucket: gathered_state_dict holds one bucket of full tensors (rollout.sglang.bucket_bytes,
   or one tensor when it is larger) plus that largest tensor's gather buffer.
 """

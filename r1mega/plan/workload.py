@@ -28,7 +28,7 @@ class Workload:
     max_new_tokens: int  # the schedule's longest
     sequences_per_rank: int  # generated per rollout by one data-parallel rank
     steps: int  # optimizer steps per rollout
-    micro_tokens: int  # tokens of one training micro-batch (the token budget, or one whole longest sequence)
+    micro_tokens: int  # tokens of one training micro-batch (micro_batch_tokens)
     on_policy: bool  # no separate old-logprob pass
     reference_pass: bool  # beta > 0
     engine: str  # "native" or "sglang"
@@ -70,6 +70,14 @@ def model_config(model_cfg, vocab_size: int = 0) -> ModelConfig:
     return config
 
 
+def micro_batch_tokens(token_budget: int, longest: int, sequences_per_step: int) -> int:
+    """The largest micro-batch a rank packs: the token budget, but never more than the rank's share of an
+    optimizer step's sequences (sharded_batch.deal splits a mini-batch's micro-batches over the
+    data-parallel ranks, halving one when there are fewer than ranks), and never less than one whole
+    longest sequence (a sample is never split)."""
+    return max(longest, min(token_budget, sequences_per_step * longest))
+
+
 def workload(cfg, world: int, plan) -> Workload:
     """From an r1mega Config (`cfg`: model, algo, rollout, parallel) and the plan settings."""
     from r1mega.trainers.policy_update import is_on_policy, steps_per_rollout
@@ -85,7 +93,9 @@ def workload(cfg, world: int, plan) -> Workload:
         model=model_config(cfg.model, plan.vocab_size), dims=dims, checkpointing=parallel.activation_checkpointing,
         prompt_tokens=plan.prompt_tokens, response_tokens=max(1, int(longest * plan.response_fraction)),
         max_new_tokens=longest, sequences_per_rank=sequences // dims.dp_size, steps=steps_per_rollout(algo),
-        micro_tokens=max(algo.token_budget, plan.prompt_tokens + longest), on_policy=is_on_policy(algo),
+        micro_tokens=micro_batch_tokens(algo.token_budget, plan.prompt_tokens + longest,
+                                        algo.ppo_mini_batch_size * algo.group_size // dims.dp_size),
+        on_policy=is_on_policy(algo),
         reference_pass=algo.beta > 0, engine=rollout.engine, max_slots=rollout.max_slots,
         kv_cache_bytes=rollout.kv_cache_bytes, sglang_tp=rollout.sglang.tp_size,
         sglang_dtype_bytes=2 if rollout.sglang.dtype in ("bfloat16", "float16") else 4,
