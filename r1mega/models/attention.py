@@ -1,12 +1,14 @@
 """Causal self-attention: grouped-query (Llama, Qwen2, Qwen3) and multi-head latent (DeepSeek-V3).
 
-Both projections end in `attend`, which has three paths; the two training paths go through
+Both projections end in `attend`, which takes one of three paths, chosen by the `AttnContext` that
+`Transformer.forward` builds once per call with a named constructor; the two training paths go through
 `torch.nn.functional.scaled_dot_product_attention` and build no [T, T] mask, so memory stays linear in T:
-- plain: one causal SDPA call over the whole batch;
-- packed (`segment_ids`): one causal SDPA call per contiguous segment of each row, so attention
-  stays within a segment; with shared prefixes (`SharedPrefixRow`), each prefix once, then blocks of
-  its sequences gathered over it and their own tokens (`attend_shared_prefix`);
-- cache (`KVCache` + `slots`, `attend_cached`): this call's keys and values are written at their
+- `AttnContext.causal`: one causal SDPA call over the whole batch;
+- `AttnContext.packed` (`Segments`): one causal SDPA call per contiguous segment of each row, so
+  attention stays within a segment; `AttnContext.shared_prefix` (`SharedPrefixRow`), packed with shared
+  prefixes: each prefix once, then blocks of its sequences gathered over it and their own tokens
+  (`attend_shared_prefix`);
+- `AttnContext.cached` (`CacheSlots`, `attend_cached`): this call's keys and values are written at their
   positions, then the queries attend over their slot's cache up to their own position (prefill and
   decode alike), with plain matmuls on the cache's views. MLA caches only its normed latent and rope
   key and attends in the latent space ("weight absorption", as DeepSeek-V3's inference does): the
@@ -20,7 +22,7 @@ Deliberately left out: dropout, sliding windows, and a varlen kernel for the pac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,39 +35,97 @@ from r1mega.models.routing import Routing
 from r1mega.models.shared_prefix import SharedPrefixRow
 
 
+Spans = list[list[tuple[int, int]]]  # per row, [start, end) of each packed segment
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A `Transformer.forward` layout: packed rows, each run of equal ids [B, T] attending only within itself."""
+
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CacheSlots:
+    """A `Transformer.forward` layout: keys and values written to and read from `cache`'s rows `slots`
+    (a slice, or [B] row indices)."""
+
+    cache: KVCache
+    slots: Slots
+
+
+# What `Transformer.forward` is told about its rows; None: plain causal
+Layout = Optional[Union[Segments, SharedPrefixRow, CacheSlots]]
+
+
+@dataclass
+class CachedAttn:
+    """The cached path's view of one call: where its keys and values go and which it reads."""
+
+    cache: KVCache
+    slots: Slots
+    rows: torch.Tensor  # [B, T]: the slot of each position (KVCache.rows)
+    positions: torch.Tensor  # [B, T]
+    length: int  # keys read from each slot: max position + 1
+    past: torch.Tensor  # [B, T, length]: True past each query's position (stale or unwritten), masked out
+
+
 @dataclass
 class AttnContext:
-    """What every layer's attention needs about this forward call, computed once by the Transformer."""
+    """What every layer's attention needs about this forward call, computed once by the Transformer with
+    one of the named constructors; `path` holds only what its path needs (None: plain causal)."""
 
     cos: torch.Tensor  # [B, T, rope_dim/2]
     sin: torch.Tensor
-    spans: Optional[list[list[tuple[int, int]]]] = None  # packed path: per row, [start, end) of each segment
-    shared: Optional[SharedPrefixRow] = None  # packed path with shared prefixes
-    cache: Optional[KVCache] = None
-    slots: Optional[Slots] = None  # a slice of cache rows, or [B] row indices
-    rows: Optional[torch.Tensor] = None  # [B, T]: the slot of each position (KVCache.rows)
-    positions: Optional[torch.Tensor] = None  # [B, T], cache path
-    cache_len: int = 0  # keys read from each slot: max position + 1
-    hidden: Optional[torch.Tensor] = None  # [B, T, cache_len]: True past each query's position (stale or unwritten)
+    path: Union[None, Spans, SharedPrefixRow, CachedAttn] = None
     routing: Optional[Routing] = None  # the MoE layers' record and replay of this call (routing.py), not attention's
+
+    @classmethod
+    def causal(cls, cos: torch.Tensor, sin: torch.Tensor, routing: Optional[Routing] = None) -> "AttnContext":
+        return cls(cos, sin, None, routing)
+
+    @classmethod
+    def packed(cls, cos: torch.Tensor, sin: torch.Tensor, spans: Spans,
+               routing: Optional[Routing] = None) -> "AttnContext":
+        return cls(cos, sin, spans, routing)
+
+    @classmethod
+    def shared_prefix(cls, cos: torch.Tensor, sin: torch.Tensor, row: SharedPrefixRow,
+                      routing: Optional[Routing] = None) -> "AttnContext":
+        return cls(cos, sin, row, routing)
+
+    @classmethod
+    def cached(cls, cos: torch.Tensor, sin: torch.Tensor, slots: CacheSlots, positions: torch.Tensor,
+               routing: Optional[Routing] = None) -> "AttnContext":
+        """positions [B, T]: where this call's keys and values are written in each slot."""
+        length = int(positions.max()) + 1
+        past = torch.arange(length, device=positions.device) > positions[..., None]
+        view = CachedAttn(slots.cache, slots.slots, slots.cache.rows(slots.slots, positions, length), positions,
+                          length, past)
+        return cls(cos, sin, view, routing)
+
+    @property
+    def token_repeats(self) -> Optional[torch.Tensor]:
+        """[T]: how many sequences read each stored token of a shared-prefix row; None: each token once."""
+        return self.path.repeats if isinstance(self.path, SharedPrefixRow) else None
 
 
 def attend_cached(layer: int, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], scale: float,
-                  ctx: AttnContext) -> torch.Tensor:
+                  view: CachedAttn) -> torch.Tensor:
     """Writes k [B, T, Hkv, Dk] and v [B, T, Hkv, Dv] (None when the cache keeps values inside the keys)
     at their positions, then q [B, T, H, Dk] attends over its slot's cache -> [B, T, H, Dv].
 
     Plain matmuls rather than SDPA: the cache's views go to matmul without a copy, each kv head serves
     its G = H / Hkv queries in one product, and the mask is the [B, T, L] one built once per forward.
     The scores are [B, H, T, L]: small for decode, T x L per head for a chunk of prefill."""
-    ctx.cache.write(layer, ctx.rows, ctx.positions, k, v)
-    keys, values = ctx.cache.read(layer, ctx.slots, ctx.cache_len)  # [B, Hkv, L, D]
+    view.cache.write(layer, view.rows, view.positions, k, v)
+    keys, values = view.cache.read(layer, view.slots, view.length)  # [B, Hkv, L, D]
     b, t, h, _ = q.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     g = h // kv_heads
     q = q.view(b, t, kv_heads, g, -1).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, -1)
     scores = torch.matmul(q, keys.to(q.dtype).transpose(-1, -2)).mul_(scale)  # [B, Hkv, G*T, L]
-    scores = scores.view(b, kv_heads, g, t, length).masked_fill_(ctx.hidden[:, None, None], float("-inf"))
+    scores = scores.view(b, kv_heads, g, t, length).masked_fill_(view.past[:, None, None], float("-inf"))
     probs = scores.view(b, kv_heads, g * t, length).softmax(dim=-1)
     out = torch.matmul(probs, values.to(q.dtype))  # [B, Hkv, G*T, Dv]
     return out.view(b, kv_heads, g, t, -1).permute(0, 3, 1, 2, 4).reshape(b, t, h, -1)
@@ -73,22 +133,22 @@ def attend_cached(layer: int, q: torch.Tensor, k: torch.Tensor, v: Optional[torc
 
 def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ctx: AttnContext) -> torch.Tensor:
     """q [B, T, H, Dk], k [B, T, Hkv, Dk], v [B, T, Hkv, Dv] -> [B, T, H, Dv]."""
-    if ctx.cache is not None:
-        return attend_cached(layer, q, k, v, scale, ctx)
+    if isinstance(ctx.path, CachedAttn):
+        return attend_cached(layer, q, k, v, scale, ctx.path)
     gqa = q.shape[2] != k.shape[2]
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:
         # MLA has Dv < Dk: SDPA's flash kernel needs equal head dims and its fallback takes O(T^2)
         # memory, so v is padded with zeros and the padded output columns dropped.
         return attend(layer, q, k, F.pad(v, (0, q.shape[-1] - v_dim)), scale, ctx)[..., :v_dim]
-    if ctx.shared is not None:
-        return attend_shared_prefix(q, k, v, scale, ctx.shared)
+    if isinstance(ctx.path, SharedPrefixRow):
+        return attend_shared_prefix(q, k, v, scale, ctx.path)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-    if ctx.spans is None:
+    if ctx.path is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
     rows = []
-    for b, spans in enumerate(ctx.spans):  # spans cover the row, so split (one cat backward, not a slice each)
+    for b, spans in enumerate(ctx.path):  # spans cover the row, so split (one cat backward, not a slice each)
         lengths = [e - s for s, e in spans]
         rows.append(torch.cat([
             F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -188,19 +248,19 @@ class MLAttention(nn.Module):
         interleaved = self.config.rope_interleave
         q_rope = rope.apply(q_rope, ctx.cos, ctx.sin, interleaved=interleaved)
         k_rope = rope.apply(k_rope[:, :, None], ctx.cos, ctx.sin, interleaved=interleaved)  # [B, T, 1, rope]
-        if ctx.cache is not None:
-            return self.wo(self._attend_latent(q_nope, q_rope, latent, k_rope, ctx).reshape(b, t, -1))
+        if isinstance(ctx.path, CachedAttn):
+            return self.wo(self._attend_latent(q_nope, q_rope, latent, k_rope, ctx.path).reshape(b, t, -1))
         k_nope, v = self.wkv_b(latent).view(b, t, -1, self.nope + self.v_dim).split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(-1, -1, self.n_heads, -1)], dim=-1)
         return self.wo(attend(self.layer, q, k, v, self.scale, ctx).reshape(b, t, -1))
 
-    def _attend_latent(self, q_nope, q_rope, latent, k_rope, ctx: AttnContext) -> torch.Tensor:
+    def _attend_latent(self, q_nope, q_rope, latent, k_rope, view: CachedAttn) -> torch.Tensor:
         """Cached attention in the latent space: q_nope [B, T, H, nope], q_rope [B, T, H, rope], latent
         [B, T, r], k_rope [B, T, 1, rope] -> [B, T, H, v]."""
         up = self.wkv_b.weight.view(-1, self.nope + self.v_dim, self.config.kv_lora_rank)  # [H, nope + v, r]
         q_latent = torch.einsum("bthn,hnr->bthr", q_nope, up[:, :self.nope])
         q = torch.cat([q_latent, q_rope], dim=-1)
         entry = torch.cat([latent[:, :, None], k_rope], dim=-1)  # [B, T, 1, r + rope]: one shared head
-        out_latent = attend_cached(self.layer, q, entry, None, self.scale, ctx)  # [B, T, H, r]
+        out_latent = attend_cached(self.layer, q, entry, None, self.scale, view)  # [B, T, H, r]
         return torch.einsum("bthr,hvr->bthv", out_latent, up[:, self.nope:])

@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1mega.models import rope
-from r1mega.models.attention import AttnContext, GQAttention, MLAttention
+from r1mega.models.attention import AttnContext, CacheSlots, GQAttention, Layout, MLAttention, Segments
 from r1mega.models.config import ModelConfig
-from r1mega.models.kv_cache import KVCache, Slots
 from r1mega.models.moe import MoE, SwiGLU
 from r1mega.models.norm import RMSNorm
 from r1mega.models.routing import Routing
@@ -42,8 +41,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), ctx)
         if isinstance(self.ffn, MoE):
-            repeats = ctx.shared.repeats if ctx.shared is not None else None
-            return x + self.ffn(self.ffn_norm(x), token_repeats=repeats, routing=ctx.routing)
+            return x + self.ffn(self.ffn_norm(x), token_repeats=ctx.token_repeats, routing=ctx.routing)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -67,42 +65,33 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     return idx - torch.where(starts, idx, 0).cummax(dim=1).values
 
 
-def attn_context(config: ModelConfig, input_ids: torch.Tensor, dtype: torch.dtype, *,
-                 position_ids: Optional[torch.Tensor] = None, segment_ids: Optional[torch.Tensor] = None,
-                 shared: Optional[SharedPrefixRow] = None, cache: Optional[KVCache] = None,
-                 slots: Optional[Slots] = None, routing: Optional[Routing] = None) -> AttnContext:
+def attn_context(config: ModelConfig, input_ids: torch.Tensor, dtype: torch.dtype, layout: Layout = None, *,
+                 position_ids: Optional[torch.Tensor] = None, routing: Optional[Routing] = None) -> AttnContext:
     """What every layer's attention needs about a forward over input_ids [B, T] (Transformer.forward
     says what the arguments mean); a pipeline stage builds it from the same arguments."""
     b, t = input_ids.shape
-    ctx_kw = {}
-    if cache is not None:
-        if position_ids is None or slots is None:
-            raise ValueError("Transformer.forward: a KV cache needs position_ids and slots")
-        if segment_ids is not None or shared is not None:
-            raise ValueError("Transformer.forward: segment_ids or shared and a KV cache cannot be combined")
-        cache_len = int(position_ids.max()) + 1
-        rows = cache.rows(slots, position_ids, cache_len)
-        hidden = torch.arange(cache_len, device=position_ids.device) > position_ids[..., None]
-        ctx_kw = dict(cache=cache, slots=slots, rows=rows, positions=position_ids, cache_len=cache_len,
-                      hidden=hidden)
-    elif segment_ids is not None:
-        if shared is not None:
-            raise ValueError("Transformer.forward: give segment_ids or shared, not both")
-        ctx_kw = dict(spans=segment_spans(segment_ids))
-        if position_ids is None:
-            position_ids = segment_positions(segment_ids)
-    elif shared is not None:
-        if position_ids is None or b != 1 or shared.collect.numel() != t:
-            raise ValueError("Transformer.forward: a shared-prefix row needs position_ids and one row of "
-                             f"the {shared.collect.numel()} tokens it describes, got {b} x {t}")
-        ctx_kw = dict(shared=shared)
+    if isinstance(layout, CacheSlots) and position_ids is None:
+        raise ValueError("Transformer.forward: a KV cache needs position_ids")
+    if isinstance(layout, SharedPrefixRow) and (position_ids is None or b != 1 or layout.collect.numel() != t):
+        raise ValueError("Transformer.forward: a shared-prefix row needs position_ids and one row of "
+                         f"the {layout.collect.numel()} tokens it describes, got {b} x {t}")
     if position_ids is None:
-        position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
+        position_ids = (segment_positions(layout.ids) if isinstance(layout, Segments)
+                        else torch.arange(t, device=input_ids.device).expand(b, t))
     if routing is not None:
         moe_layers = sum(map(config.is_moe_layer, range(config.num_hidden_layers)))
         routing.check(b * t, moe_layers, config.num_experts_per_tok)
     cos, sin = rope.cos_sin(config, position_ids, dtype)
-    return AttnContext(cos=cos, sin=sin, routing=routing, **ctx_kw)
+    if isinstance(layout, CacheSlots):
+        return AttnContext.cached(cos, sin, layout, position_ids, routing)
+    if isinstance(layout, Segments):
+        return AttnContext.packed(cos, sin, segment_spans(layout.ids), routing)
+    if isinstance(layout, SharedPrefixRow):
+        return AttnContext.shared_prefix(cos, sin, layout, routing)
+    if layout is not None:
+        raise TypeError(f"Transformer.forward: layout must be Segments, SharedPrefixRow, CacheSlots or None, "
+                        f"got {type(layout).__name__}")
+    return AttnContext.causal(cos, sin, routing)
 
 
 class Transformer(nn.Module):
@@ -136,23 +125,23 @@ class Transformer(nn.Module):
                 if module.router.expert_bias is not None:
                     module.router.expert_bias.zero_()
 
-    def forward(self, input_ids: torch.Tensor, *, position_ids: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None, shared: Optional[SharedPrefixRow] = None,
-                cache: Optional[KVCache] = None, slots: Optional[Slots] = None,
+    def forward(self, input_ids: torch.Tensor, layout: Layout = None, *, position_ids: Optional[torch.Tensor] = None,
                 routing: Optional[Routing] = None, return_hidden: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> float logits [B, T, V], or final-normed hidden states [B, T, H] if return_hidden.
 
-        segment_ids [B, T]: packed rows; each run of equal ids attends only within itself and, unless
-        position_ids is given, restarts at position 0. shared: sequences reading a [1, T] row
-        whose shared prefixes are stored once (shared_prefix.py); position_ids required.
-        cache + slots (a slice or a [B] tensor of cache rows): write this call's keys and values at
-        position_ids (required) in the slots' cache rows and attend over them.
+        layout, one of (attention.py):
+        - None: each row one causal sequence;
+        - Segments(segment_ids [B, T]): packed rows; each run of equal ids attends only within itself
+          and, unless position_ids is given, restarts at position 0;
+        - a SharedPrefixRow: sequences reading a [1, T] row whose shared prefixes are stored once
+          (shared_prefix.py); position_ids required;
+        - CacheSlots(cache, slots (a slice or a [B] tensor of cache rows)): write this call's keys and
+          values at position_ids (required) in the slots' cache rows and attend over them.
         routing: filled with each MoE layer's experts for the B x T tokens, and replayed from
         its record when it has one (routing.py).
         """
         h = self.embed(input_ids)  # [B, T, H]
-        ctx = attn_context(self.config, input_ids, h.dtype, position_ids=position_ids, segment_ids=segment_ids,
-                           shared=shared, cache=cache, slots=slots, routing=routing)
+        ctx = attn_context(self.config, input_ids, h.dtype, layout, position_ids=position_ids, routing=routing)
         for layer in self.layers:
             h = layer(h, ctx)
         h = self.norm(h)

@@ -8,8 +8,8 @@ distributed checkpoints (which then load at another pp, or none), the tensor-par
 optimizer and the expert-bias updates see the same names and layer indices as in one process.
 
 What travels: micro-batches are the trainer's packed rows (token_batch.PackedRow: sequences side by
-side in one [1, T] row, with their positions and the shared-prompt layout of models/shared_prefix.py,
-or segment ids). Every pp rank holds the whole batch, so every stage builds the row's attention
+side in one [1, T] row, with their positions and, as layout, the shared-prompt row of
+models/shared_prefix.py, or `Segments`). Every pp rank holds the whole batch, so every stage builds the row's attention
 context itself from the same arguments (`attn_context`) and only the activations [1, T, H] and their
 gradients are sent between stages (pipeline_schedule.py, which also says why the schedules are not
 `torch.distributed.pipelining`'s: those fix the activation shape at the first micro-batch).
@@ -59,7 +59,7 @@ class StageModule(nn.Module):
     """Blocks `layers` of `model` (a range of global indices); the embedding if `first`, the final norm
     and the output head if `last` (with tied embeddings, a copy of the embedding as the output matrix).
     forward(x, input_ids, **row): input ids [B, T] (first) or hidden [B, T, H] -> hidden [B, T, H],
-    final-normed on the last stage; `input_ids` and `row` (position_ids, segment_ids, shared) describe
+    final-normed on the last stage; `input_ids` and `row` (layout, position_ids, routing) describe
     the row, as Transformer.forward's arguments do."""
 
     def __init__(self, model: nn.Module, layers: range, first: bool, last: bool):

@@ -38,6 +38,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from r1mega.models.attention import CacheSlots
 from r1mega.models.checkpoint import empty_model
 from r1mega.models.kv_cache import KVCache
 from r1mega.models.routing import Routing
@@ -290,8 +291,8 @@ class NativeEngine:
                 ids[r, :len(chunk)] = torch.tensor(chunk)
             positions = (start + torch.arange(width)).expand(len(rows), width)
             routing = Routing() if self.record_routing else None
-            hidden = self.model(ids.to(self.device), position_ids=positions.to(self.device), cache=self.cache,
-                                slots=torch.tensor([slots[i] for i in rows], device=self.device),
+            slot_rows = CacheSlots(self.cache, torch.tensor([slots[i] for i in rows], device=self.device))
+            hidden = self.model(ids.to(self.device), slot_rows, position_ids=positions.to(self.device),
                                 routing=routing, return_hidden=True)  # [R, width, H]
             chosen = routing.stacked().unflatten(0, (len(rows), width)) if routing else None  # [R, width, L, k]
             for r, i in enumerate(rows):
@@ -314,7 +315,7 @@ class NativeEngine:
         ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)  # [B, 1]
         positions = torch.tensor([[s.position] for s in seqs], device=self.device)  # [B, 1]
         routing = Routing() if self.record_routing else None
-        hidden = self.model(ids, position_ids=positions, cache=self.cache, slots=slice(0, len(seqs)),
+        hidden = self.model(ids, CacheSlots(self.cache, slice(0, len(seqs))), position_ids=positions,
                             routing=routing, return_hidden=True)
         if routing is not None:
             for seq, chosen in zip(seqs, routing.stacked()):  # [L, k] each

@@ -102,7 +102,7 @@ class PackedRow:
 
     def forward_kwargs(self) -> dict:
         replay = {} if self.routing is None else {"routing": self.routing}
-        return {"position_ids": self.position_ids, "shared": self.shared, **replay}
+        return {"layout": self.shared, "position_ids": self.position_ids, **replay}
 
     def select(self, hidden: torch.Tensor) -> torch.Tensor:
         """The row's hidden states [1, T, H] -> those that predict the response tokens [S, R, H]."""

@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from helpers import run_world
 from r1mega.models import Transformer, preset
+from r1mega.models.attention import Segments
 from r1mega.parallel import ParallelDims
 from r1mega.parallel.pipeline import pipeline_parallelize, stage_layers
 from r1mega.parallel.pipeline_schedule import rank_orders
@@ -51,7 +52,7 @@ def _segments(rows: int, length: int) -> torch.Tensor:
 
 def _reference_loss(model, ids, packed: bool) -> torch.Tensor:
     """Mean next-token cross-entropy of the plain model over the whole batch (micro-batches of 2 rows)."""
-    kw = {"segment_ids": _segments(*ids[:, :-1].shape)} if packed else {}
+    kw = {"layout": Segments(_segments(*ids[:, :-1].shape))} if packed else {}
     logits = model(ids[:, :-1], **kw)
     return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
 
@@ -64,7 +65,7 @@ def _pipeline_step(rank, world, dims_kw, cfg, kind, packed):
     local = ids.chunk(dims.dp_size)[dims.rank("dp")]
     pipe = pipeline_parallelize(copy.deepcopy(ref), dims, cfg)
     micro = local.split(2)  # micro-batches of 2 rows; the loss is the mean over all of them
-    inputs = [(m[:, :-1], {"segment_ids": _segments(*m[:, :-1].shape)} if packed else {}) for m in micro]
+    inputs = [(m[:, :-1], {"layout": Segments(_segments(*m[:, :-1].shape))} if packed else {}) for m in micro]
 
     def head(targets):
         def apply(hidden, weight):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from r1mega.models import hf
+from r1mega.models.attention import CacheSlots
 from r1mega.models.kv_cache import KVCache
 from tiny_models import load_hf, make_hf_dir
 
@@ -14,11 +15,11 @@ def greedy(model, prompts: torch.Tensor, new_tokens: int, slots: torch.Tensor) -
     b, p = prompts.shape
     cache = KVCache.for_model(model.config, num_slots=4, max_len=p + new_tokens)
     pos = torch.arange(p).expand(b, p)
-    logits = model(prompts, position_ids=pos, cache=cache, slots=slots)
+    logits = model(prompts, CacheSlots(cache, slots), position_ids=pos)
     out = [logits[:, -1].argmax(-1)]
     for step in range(new_tokens - 1):
         pos = torch.full((b, 1), p + step)
-        logits = model(out[-1][:, None], position_ids=pos, cache=cache, slots=slots)
+        logits = model(out[-1][:, None], CacheSlots(cache, slots), position_ids=pos)
         out.append(logits[:, -1].argmax(-1))
     return torch.stack(out, dim=1)
 
@@ -43,13 +44,13 @@ def test_cache_prefill_in_pieces_and_ragged_rows(tmp_path):
         full = model(ids)
         cache = KVCache.for_model(config, num_slots=3, max_len=16)
         slots = torch.tensor([2, 0])
-        first = model(ids[:, :5], position_ids=torch.arange(5).expand(2, 5), cache=cache, slots=slots)
-        rest = model(ids[:, 5:], position_ids=torch.arange(5, 12).expand(2, 7), cache=cache, slots=slots)
+        first = model(ids[:, :5], CacheSlots(cache, slots), position_ids=torch.arange(5).expand(2, 5))
+        rest = model(ids[:, 5:], CacheSlots(cache, slots), position_ids=torch.arange(5, 12).expand(2, 7))
         torch.testing.assert_close(torch.cat([first, rest], dim=1), full, atol=1e-5, rtol=0)
         # a slot is reused by writing from position 0 again; rows at different lengths in one call
-        model(ids[:1, :9], position_ids=torch.arange(9)[None], cache=cache, slots=torch.tensor([1]))
-        step = model(torch.stack([ids[0, 9:10], ids[1, 3:4]]), position_ids=torch.tensor([[9], [3]]),
-                     cache=cache, slots=torch.tensor([1, 0]))
+        model(ids[:1, :9], CacheSlots(cache, torch.tensor([1])), position_ids=torch.arange(9)[None])
+        step = model(torch.stack([ids[0, 9:10], ids[1, 3:4]]), CacheSlots(cache, torch.tensor([1, 0])),
+                     position_ids=torch.tensor([[9], [3]]))
         torch.testing.assert_close(step[0, 0], full[0, 9], atol=1e-5, rtol=0)
         torch.testing.assert_close(step[1, 0], full[1, 3], atol=1e-5, rtol=0)
 
@@ -58,4 +59,4 @@ def test_cache_needs_positions(tmp_path):
     model, config = hf.load(make_hf_dir("llama", tmp_path / "m"))
     cache = KVCache.for_model(config, num_slots=1, max_len=8)
     with pytest.raises(ValueError, match="position_ids"):
-        model(torch.zeros(1, 3, dtype=torch.long), cache=cache, slots=torch.tensor([0]))
+        model(torch.zeros(1, 3, dtype=torch.long), CacheSlots(cache, torch.tensor([0])))

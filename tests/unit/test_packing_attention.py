@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from r1mega.models import Transformer, hf
+from r1mega.models.attention import Segments
 from r1mega.models.config import tiny_deepseek_v3
 from r1mega.models.transformer import segment_positions, segment_spans
 from tiny_models import make_hf_dir
@@ -23,7 +24,7 @@ def test_two_sequences_in_one_row_match_each_alone(model):
     packed = torch.cat([a, b], dim=1)
     segments = torch.tensor([[0] * 7 + [1] * 10])
     with torch.no_grad():
-        got = model(packed, segment_ids=segments)
+        got = model(packed, Segments(segments))
         torch.testing.assert_close(got[:, :7], model(a), atol=1e-5, rtol=0)
         torch.testing.assert_close(got[:, 7:], model(b), atol=1e-5, rtol=0)
 
@@ -34,7 +35,7 @@ def test_rows_with_different_segmentations_and_grads():
     seqs = [torch.randint(0, 40, (n,)) for n in (3, 5, 4, 8)]
     packed = torch.stack([torch.cat(seqs[:3]), torch.cat([seqs[3], seqs[0][:1], seqs[3][:3]])])
     segments = torch.tensor([[0] * 3 + [1] * 5 + [2] * 4, [5] * 8 + [7] + [5] * 3])  # ids may repeat non-adjacently
-    logits = model(packed, segment_ids=segments)
+    logits = model(packed, Segments(segments))
     alone = [model(s[None])[0] for s in seqs[:3]] + [model(seqs[3][None])[0], model(seqs[0][:1][None])[0],
                                                       model(seqs[3][:3][None])[0]]
     torch.testing.assert_close(logits[0], torch.cat(alone[:3]), atol=1e-5, rtol=0)
@@ -65,7 +66,7 @@ def test_packed_path_uses_causal_sdpa_without_mask(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     model = Transformer(tiny_deepseek_v3(vocab_size=40, num_hidden_layers=1))
-    model(torch.zeros(1, 64, dtype=torch.long), segment_ids=torch.tensor([[0] * 40 + [1] * 24]))
+    model(torch.zeros(1, 64, dtype=torch.long), Segments(torch.tensor([[0] * 40 + [1] * 24])))
     assert [(m, c, t) for m, c, t in calls] == [(None, True, 40), (None, True, 24)]
     calls.clear()
     model(torch.zeros(2, 64, dtype=torch.long))
@@ -80,6 +81,6 @@ def test_packed_bf16_on_gpu_matches_each_alone():
     a, b = torch.randint(0, 64, (1, 300), device="cuda"), torch.randint(0, 64, (1, 212), device="cuda")
     segments = torch.tensor([[0] * 300 + [1] * 212], device="cuda")
     with torch.no_grad():
-        got = model(torch.cat([a, b], dim=1), segment_ids=segments)
+        got = model(torch.cat([a, b], dim=1), Segments(segments))
         alone = torch.cat([model(a), model(b)], dim=1)
     torch.testing.assert_close(got, alone, atol=2e-2, rtol=2e-2)

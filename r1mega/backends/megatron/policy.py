@@ -1,7 +1,7 @@
 """`MegatronPolicy`: a megatron-core GPTModel behind the interface the trainers use of a `Transformer`.
 
 What the GRPO trainer asks of its policy, and how each is answered here:
-- `forward(input_ids, shared=..., return_hidden=True)` on packed micro-batches whose sequences
+- `forward(input_ids, layout=..., return_hidden=True)` on packed micro-batches whose sequences
   share prompts (token_batch.response_hidden, models/shared_prefix.py): megatron's attention here has
   no packed-sequence path, so each sequence becomes a row of a right-padded batch (attention is
   causal, so padding after a sequence never reaches it), shared prompts copied into every row that
@@ -60,30 +60,30 @@ class MegatronPolicy(nn.Module):
         return output_weight(self.model)
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
-                shared: SharedPrefixRow | None = None, routing: Routing | None = None,
+                layout: SharedPrefixRow | None = None, routing: Routing | None = None,
                 return_hidden: bool = False) -> torch.Tensor:
-        """input_ids [B, T] -> final-normed hidden states [B, T, H]; `shared` as Transformer's (its
+        """input_ids [B, T] -> final-normed hidden states [B, T, H]; `layout` as Transformer's (its
         sequences start at position 0, so position_ids add nothing here); `routing`: a record to replay."""
         if not return_hidden:
             raise ValueError("MegatronPolicy returns hidden states only (return_hidden=True): the loss ops "
                              "apply the vocabulary-parallel output layer themselves")
         if routing is not None and routing.replay is None:
             raise ValueError("MegatronPolicy replays a routing record but does not record its own routing")
-        if shared is None and routing is None:
+        if layout is None and routing is None:
             return hidden_states(self.model, input_ids)
-        if shared is None:
+        if layout is None:
             b, t = input_ids.shape
             uncounted = torch.zeros(b, t, dtype=torch.bool, device=input_ids.device)
             with self._replaying(routing.replay.view(b, t, *routing.replay.shape[1:]), uncounted), \
                     self._padding_not_counted(uncounted):
                 return hidden_states(self.model, input_ids)
-        width = max(e - s for s, e in shared.spans)
-        padded = input_ids.new_zeros(len(shared.spans), width)
-        padding = torch.ones(len(shared.spans), width, dtype=torch.bool, device=input_ids.device)
-        laid = None if routing is None else routing.replay[shared.expand]  # [N, L, k], sequences end to end
-        record = None if laid is None else laid.new_full((len(shared.spans), width, *laid.shape[1:]), NO_RECORD)
-        for i, (s, e) in enumerate(shared.spans):
-            padded[i, :e - s] = input_ids[0, shared.expand[s:e]]
+        width = max(e - s for s, e in layout.spans)
+        padded = input_ids.new_zeros(len(layout.spans), width)
+        padding = torch.ones(len(layout.spans), width, dtype=torch.bool, device=input_ids.device)
+        laid = None if routing is None else routing.replay[layout.expand]  # [N, L, k], sequences end to end
+        record = None if laid is None else laid.new_full((len(layout.spans), width, *laid.shape[1:]), NO_RECORD)
+        for i, (s, e) in enumerate(layout.spans):
+            padded[i, :e - s] = input_ids[0, layout.expand[s:e]]
             padding[i, :e - s] = False
             if record is not None:
                 record[i, :e - s] = laid[s:e]
@@ -91,7 +91,7 @@ class MegatronPolicy(nn.Module):
         with self._replaying(record, uncounted), self._padding_not_counted(uncounted):
             hidden = hidden_states(self.model, padded)  # [sequences, width, H]
         laid_out = hidden[~padding]  # [sum of sequence lengths, H], the sequences end to end
-        return laid_out[shared.first_read][None]
+        return laid_out[layout.first_read][None]
 
     @contextlib.contextmanager
     def _replaying(self, record: torch.Tensor | None, uncounted: torch.Tensor):
