@@ -18,6 +18,11 @@ it would be for separate copies.
 `repeats` says how many sequences read each stored token, so that MoE expert-load counts (and the
 bias balancing driven by them) are the same as for separate sequences. `expand`, `spans` and
 `first_read` lay the sequences end to end, for backends that run whole sequences (megatron).
+
+`SharedPrefixRow.from_lengths` lays a row out (each prefix, then its sequences' suffixes, groups end to
+end) and builds its consistent index fields (`from_groups`, which checks the spans); `position_ids`
+and `suffix_predictors` answer where each stored token sits in its sequence and which stored token's
+output predicts each suffix token, so a trainer never does the layout's index arithmetic.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class AttentionBlock:
 
 @dataclass
 class SharedPrefixRow:
+    """Built by `from_lengths` or `from_groups`, which keep the fields below consistent with each other."""
+
     segments: list[Span]  # runs of stored tokens that attend causally within themselves: prefixes, lone sequences
     segment_tokens: Optional[torch.Tensor]  # [sum of their lengths]: their stored tokens, end to end (None: all, in order)
     blocks: list[AttentionBlock]  # the suffixes of groups of several sequences
@@ -58,6 +65,21 @@ class SharedPrefixRow:
     expand: torch.Tensor  # [N]: the stored token at each position of the sequences laid end to end
     spans: list[Span]  # [start, end) of each sequence in that layout
     first_read: torch.Tensor  # [T]: the position in that layout of each stored token's first reader
+    prefix_lengths: list[int]  # of each sequence, in that layout
+
+    @classmethod
+    def from_lengths(cls, groups: list[tuple[int, list[int]]], device=None) -> "SharedPrefixRow":
+        """`groups`: each prefix's length with its sequences' suffix lengths; the row stores each prefix,
+        then those suffixes, one group after another."""
+        spans, end = [], 0
+        for prefix_length, suffix_lengths in groups:
+            prefix, end = (end, end + prefix_length), end + prefix_length
+            suffixes = []
+            for n in suffix_lengths:
+                suffixes.append((end, end + n))
+                end += n
+            spans.append((prefix, suffixes))
+        return cls.from_groups(spans, end, device)
 
     @classmethod
     def from_groups(cls, groups: list[tuple[Span, list[Span]]], num_tokens: int, device=None) -> "SharedPrefixRow":
@@ -76,9 +98,10 @@ class SharedPrefixRow:
         if bool((owners > 1).any()):
             raise ValueError(f"stored tokens {(owners > 1).nonzero().flatten().tolist()[:8]} lie in several spans")
 
-        segments, blocks, sequences = [], [], []
+        segments, blocks, sequences, prefix_lengths = [], [], [], []
         for (ps, pe), suffixes in groups:
             sequences += [list(range(ps, pe)) + list(range(s, e)) for s, e in suffixes]
+            prefix_lengths += [pe - ps] * len(suffixes)
             if len(suffixes) == 1 and suffixes[0][0] == pe:  # a lone sequence stored in one piece: plain causal
                 segments.append((ps, suffixes[0][1]))
             else:
@@ -103,7 +126,24 @@ class SharedPrefixRow:
             segment_tokens = None
         return cls(segments, None if segment_tokens is None else segment_tokens.to(device), [b for b, _ in blocks],
                    collect.to(device), repeats.to(device), expand.to(device), list(zip([0] + ends[:-1], ends)),
-                   first_read.to(device))
+                   first_read.to(device), prefix_lengths)
+
+    def position_ids(self) -> torch.Tensor:
+        """[1, T]: each stored token's position in the sequences that read it (the same in all of them)."""
+        starts = torch.tensor([start for start, _ in self.spans], device=self.expand.device)
+        lengths = torch.tensor([end - start for start, end in self.spans], device=self.expand.device)
+        in_sequence = torch.arange(self.expand.numel(), device=self.expand.device) - starts.repeat_interleave(lengths)
+        return in_sequence[self.first_read][None]
+
+    def suffix_predictors(self, width: int) -> torch.Tensor:
+        """[N, width]: per sequence (in `spans` order), the stored token whose output predicts its suffix's
+        token j, the one at sequence position prefix_length + j - 1; columns past the suffix point at the
+        sequence's last token (any valid index would do)."""
+        spans = torch.tensor(self.spans)  # [N, 2]
+        columns = torch.arange(width)
+        last = (spans[:, 1] - spans[:, 0] - 1)[:, None]
+        at = torch.minimum(torch.tensor(self.prefix_lengths)[:, None] - 1 + columns, last) + spans[:, :1]
+        return self.expand[at.to(self.expand.device)]
 
 
 def _blocks(segment: int, prefix: Span, suffixes: list[Span],

@@ -97,7 +97,7 @@ class PackedRow:
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
     shared: SharedPrefixRow
-    at: torch.Tensor  # [S, R]: the stored token whose hidden state predicts each response token
+    predictors: torch.Tensor  # [S, R]: the stored token whose hidden state predicts each response token
     routing: Optional[Routing] = None  # the row's tokens' routing record to replay
 
     def forward_kwargs(self) -> dict:
@@ -106,7 +106,7 @@ class PackedRow:
 
     def select(self, hidden: torch.Tensor) -> torch.Tensor:
         """The row's hidden states [1, T, H] -> those that predict the response tokens [S, R, H]."""
-        return hidden[0][self.at]
+        return hidden[0][self.predictors]
 
 
 def _response_record(record: torch.Tensor, prompt_len: int, response_len: int) -> torch.Tensor:
@@ -120,36 +120,28 @@ def packed_row(batch: TokenBatch, device, routing: list[torch.Tensor] | None = N
     """`routing`: per sample, the engine's routing record [P + n - 1, L, k], replayed (module docstring)."""
     if not all(batch.prompt_ids):
         raise ValueError("a sample has an empty prompt: its first response token has no position to be predicted at")
-    tokens, positions, groups, order = [], [], [], []  # order: the sample of each sequence of the row
+    # the row's layout (shared_prefix.py): each prompt once, then its samples' responses
+    tokens, groups, order = [], [], []  # order: the sample of each sequence of the row
     records = []  # the routing record of each run of stored tokens, in row order
     for members in batch.prompt_groups():
         prompt = batch.prompt_ids[members[0]]
-        prefix = (len(tokens), len(tokens) + len(prompt))
         tokens += prompt
-        positions += range(len(prompt))
         if routing is not None:
             records.append(routing[members[0]][:len(prompt)])
-        suffixes = []
+        response_lengths = []
         for i in members:
             response = batch.response_ids[i, :int(batch.mask[i].sum())].tolist()
-            suffixes.append((len(tokens), len(tokens) + len(response)))
             tokens += response
-            positions += range(len(prompt), len(prompt) + len(response))
+            response_lengths.append(len(response))
             if routing is not None:
                 records.append(_response_record(routing[i], len(prompt), len(response)))
-        groups.append((prefix, suffixes))
+        groups.append((len(prompt), response_lengths))
         order += members
-    shared = SharedPrefixRow.from_groups(groups, len(tokens), device)
+    shared = SharedPrefixRow.from_lengths(groups, device)
     replay = None if routing is None else Routing(replay=torch.cat(records).to(device))
-    # Response token j is predicted at sequence position prompt_len + j - 1, found through the row's
-    # sequences laid end to end (`expand`); masked columns point at the sequence's last token (any
-    # valid index will do, their loss is 0).
-    spans = torch.tensor(shared.spans)[torch.argsort(torch.tensor(order))]  # [S, 2], sample order
-    prompt_lens = torch.tensor([len(p) for p in batch.prompt_ids])
-    columns = torch.arange(batch.response_ids.shape[1])
-    at = torch.minimum(prompt_lens[:, None] - 1 + columns, (spans[:, 1] - spans[:, 0] - 1)[:, None]) + spans[:, :1]
-    return PackedRow(torch.tensor(tokens, device=device)[None], torch.tensor(positions, device=device)[None], shared,
-                     shared.expand[at.to(device)], replay)
+    sample_order = torch.argsort(torch.tensor(order)).to(device)
+    return PackedRow(torch.tensor(tokens, device=device)[None], shared.position_ids(), shared,
+                     shared.suffix_predictors(batch.response_ids.shape[1])[sample_order], replay)
 
 
 def response_hidden(model, batch: TokenBatch, device, routing: list[torch.Tensor] | None = None) -> torch.Tensor:
