@@ -66,8 +66,11 @@ def pretrained_base(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConf
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / f"base_{config.architecture}_{key}"
     if is_native(path):
+        print(f"base model: loaded from cache {path}")
         return load_native(path)
-    print(f"pretraining the base model on {data.task} demonstrations (once; cached in {path})")
+    # A named step, not a silent one: on a cold cache, building any trainer runs this SFT first.
+    print(f"base model: pretraining {model_cfg.base_steps} SFT steps on {data.task} demonstrations "
+          f"(once; cached at {path})")
     torch.manual_seed(seed)
     model = Transformer(config)
     train_sft(model, _examples(model_cfg, tokenizer, data, seed), steps=model_cfg.base_steps,
