@@ -7,9 +7,11 @@ number of tokens routed to each expert since the previous update (training-mode 
 forward's load when there was none). The bias only selects experts, it never weights them, and it
 moves outside autograd.
 
-Deliberately left out: summing loads across data-parallel ranks (the GRPO trainer all-reduces
-`load_since_update` before calling this: r1mega/trainers/data_parallel.py), the sequence-wise auxiliary
-loss of the paper.
+The loads are the MoE layers' own (moe.py counts them; `MoE.pending_load`).
+
+Deliberately left out: summing loads across data-parallel ranks (the trainer's policy sums them before
+calling this: `sum_expert_load`, r1mega/parallel/native_policy.py), the sequence-wise auxiliary loss of
+the paper.
 """
 
 from __future__ import annotations
@@ -26,11 +28,6 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
 
 
-def expert_load(moe: MoE) -> torch.Tensor | None:
-    """The load the next bias update acts on: counted since the last one, else the last forward's."""
-    return moe.load_since_update if moe.load_since_update is not None else moe.last_expert_load
-
-
 def bias_step(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
     """b_e <- b_e - rate * sign(load_e - mean(load)), in place."""
     load = load.float()
@@ -41,10 +38,9 @@ def bias_step(bias: torch.Tensor, load: torch.Tensor, rate: float) -> None:
 def update_expert_bias(model: nn.Module, rate: float) -> None:
     """One balancing step for every MoE layer with a selection bias; resets the accumulated loads."""
     for _, moe in moe_layers(model):
-        load = expert_load(moe)
+        load = moe.take_pending_load()
         if moe.router.expert_bias is not None and load is not None:
             bias_step(moe.router.expert_bias, load, rate)
-        moe.load_since_update = None
 
 
 @torch.no_grad()
@@ -68,4 +64,4 @@ def load_stats(loads: Iterable[tuple[str, torch.Tensor | None]]) -> dict[str, fl
 
 def expert_load_stats(model: nn.Module) -> dict[str, float]:
     """`load_stats` of every MoE layer over the loads counted so far; empty when none has run."""
-    return load_stats((name, expert_load(moe)) for name, moe in moe_layers(model))
+    return load_stats((name, moe.pending_load()) for name, moe in moe_layers(model))

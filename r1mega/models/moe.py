@@ -14,6 +14,8 @@ balance.py), grouped-GEMM kernels (the expert loop is plain PyTorch).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,7 +82,7 @@ class MoE(nn.Module):
                        if config.n_shared_experts else None)
         # Tokens routed to each expert [E]: in the last forward, and summed over training-mode forwards
         # since the last balance.update_expert_bias (a step's micro-batches; recomputation counts twice,
-        # which leaves sign(load - mean) unchanged).
+        # which leaves sign(load - mean) unchanged). Written only here: by the forward and the methods below.
         # Plain attributes, not buffers: no checkpoint entry, and None until the first forward.
         self.last_expert_load: torch.Tensor | None = None
         self.load_since_update: torch.Tensor | None = None
@@ -114,3 +116,22 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(x)
         return y
+
+    def pending_load(self) -> torch.Tensor | None:
+        """The load the next bias update acts on: counted since the last one, else the last forward's."""
+        return self.load_since_update if self.load_since_update is not None else self.last_expert_load
+
+    def take_pending_load(self) -> torch.Tensor | None:
+        """`pending_load`, and the count since the last update starts again (a bias update took it)."""
+        load = self.pending_load()
+        self.load_since_update = None
+        return load
+
+    @torch.no_grad()
+    def reduce_pending_load(self, all_reduce: Callable[[torch.Tensor], None]) -> None:
+        """Replaces the load since the last update by `all_reduce` of it, in place (the caller's sum over
+        data-parallel ranks: models know no process groups); nothing when none was counted."""
+        if self.load_since_update is not None:
+            load = self.load_since_update.clone()  # it may alias last_expert_load, this rank's own
+            all_reduce(load)
+            self.load_since_update = load

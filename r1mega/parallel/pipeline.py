@@ -48,6 +48,7 @@ from r1mega.models.transformer import attn_context
 from r1mega.parallel import pipeline_schedule
 from r1mega.parallel.dims import ParallelDims
 from r1mega.parallel.grad_clip import clip_grad_norm
+from r1mega.parallel.native_policy import NativePolicy
 from r1mega.parallel.parallelize import parallelize
 from r1mega.parallel.weight_gather import gathered_state_dict
 
@@ -117,8 +118,9 @@ def cut_stages(model: nn.Module, n_stages: int, ids: list[int]) -> dict[int, Sta
     return {s: StageModule(model, ranges[s], s == 0, s == n_stages - 1) for s in ids}
 
 
-class PipelinedModel(nn.Module):
-    """This rank's stages, under the whole model's parameter names (module docstring)."""
+class PipelinedModel(NativePolicy, nn.Module):
+    """This rank's stages, under the whole model's parameter names (module docstring); a trainer's
+    Policy, whose weight export and load metrics reach over every stage."""
 
     def __init__(self, model: nn.Module, stages: dict[int, StageModule], n_stages: int, per_rank: int,
                  peers: pipeline_schedule.Peers, tied_group, activation_dtype: torch.dtype):
@@ -166,7 +168,7 @@ class PipelinedModel(nn.Module):
     def expert_load_stats(self) -> dict[str, float]:
         """balance.expert_load_stats over every stage's MoE layers, in layer order, on every pp rank."""
         own = [(name, None if load is None else load.cpu())
-               for name, load in ((name, balance.expert_load(moe)) for name, moe in balance.moe_layers(self))]
+               for name, load in ((name, moe.pending_load()) for name, moe in balance.moe_layers(self))]
         parts: list = [None] * self.peers.pp
         dist.all_gather_object(parts, own, group=self.peers.group)
         loads = sorted((item for part in parts for item in part), key=lambda item: int(item[0].split(".")[1]))

@@ -8,7 +8,7 @@ with nccl), with three choices that differ from DDP's defaults:
   FSDP2 is told to do (fsdp.sum_gradients);
 - `broadcast_buffers=False`: rank 0's buffers do not overwrite the others' before each forward.
   megatron's routers count tokens per expert in buffers, each rank its own until the trainer sums
-  them (data_parallel.sum_expert_load); their expert biases stay equal without a broadcast, since
+  them (MegatronPolicy.sum_expert_load); their expert biases stay equal without a broadcast, since
   every rank applies the same update to the same summed counts;
 - gradient accumulation: DDP reduces what `.grad` holds at each backward, the earlier micro-batches'
   already-reduced gradients included, which a sum would count once per rank again. The caller runs

@@ -11,17 +11,21 @@ collectives.
 Under pipeline parallelism each rank holds its stages only: `PipelinedModel.engine_weights`
 (pipeline.py) runs this on each stage in turn and broadcasts the tensors over pp.
 
+`load_full_state_dict(model, items)` is the way back: full tensors, the same on every rank, loaded into
+a parallelized model, each rank cutting its own shards (a megatron policy's weights into the native
+reference).
+
 Deliberately left out: renaming to an engine's layout (r1mega/rollout/sync does that), and dtype
 conversion.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def _full_bytes(t: torch.Tensor) -> int:
@@ -48,3 +52,17 @@ def gathered_state_dict(model: nn.Module, bucket_bytes: int = 256 << 20) -> Iter
             bucket.append((name, tensor))
             size += nbytes
         yield from [(n, _gather(t)) for n, t in bucket]
+
+
+def load_full_state_dict(model: nn.Module, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Loads (name, full tensor) pairs, the same on every rank, into `model`: each entry sharded as the
+    model's own (a DTensor's placements), or taken whole."""
+    layout = model.state_dict()
+    model.load_state_dict({name: _shard_like(layout.get(name), full) for name, full in items})
+
+
+def _shard_like(target, full: torch.Tensor) -> torch.Tensor:
+    if not isinstance(target, DTensor):
+        return full
+    # src_data_rank=None: every rank holds `full`, so no rank needs to send its piece
+    return distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)

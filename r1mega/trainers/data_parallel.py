@@ -19,12 +19,11 @@ group and every method below returns its input. One step:
   the ratio's extremes are min- and max-reduced; the gradient norm is already global
   (r1mega.parallel.grad_clip reduces it over every mesh), and the ranks agree on skipping a step
   (policy_update.py).
-- MoE: expert loads are summed over ranks before the bias update (`sum_expert_load`; the megatron
-  backend's policy sums its routers' counts itself), so every rank keeps the same biases and reports
-  the global load.
+- MoE: expert loads are summed over the data-parallel `group` before the bias update (the policy's
+  `sum_expert_load`, policy_model.py), so every rank keeps the same biases and reports the global load.
 
 `parallelize` is for the native policy and the reference; the megatron backend's policy is replicated
-instead, its gradients summed by DDP (policy_model.trainable, r1mega.parallel.replicate).
+instead, its gradients summed by DDP (policy_model.policy_for_backend, r1mega.parallel.replicate).
 
 Tensor and expert parallelism (parallel.tp, parallel.ep) apply too: `parallelize` splits the policy and
 the reference over the tp and ep meshes before FSDP shards them over the data-parallel one. The ranks of
@@ -53,7 +52,6 @@ import torch
 import torch.distributed as dist
 
 from r1mega.models import preset
-from r1mega.models.balance import moe_layers
 from r1mega.parallel import ParallelDims, init_distributed, parallelize, pipeline_parallelize
 from r1mega.parallel.pipeline import schedule_settings
 from r1mega.parallel.checkpointing import apply_activation_checkpointing
@@ -206,18 +204,3 @@ class DataParallel:
         for key, op in extremes.items():
             out[key] = float(self._reduce(torch.tensor([stats[key]], dtype=torch.float64), op))
         return out
-
-    def sum_expert_load(self, model) -> None:
-        """Sums each MoE layer's load since the last bias update over ranks (every rank ran the
-        same number of training forwards, so every rank has a load to add, or none)."""
-        if self.size == 1:
-            return
-        own = getattr(model, "sum_expert_load", None)
-        if own is not None:  # the megatron backend's routers keep their counts their own way
-            own(self.group)
-            return
-        for _, moe in moe_layers(model):
-            if moe.load_since_update is not None:
-                load = moe.load_since_update.clone()  # it may alias last_expert_load, this rank's own
-                dist.all_reduce(load, group=self.group)
-                moe.load_since_update = load

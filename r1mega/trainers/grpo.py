@@ -50,9 +50,7 @@ from r1mega.trainers.data_parallel import DataParallel
 from r1mega.trainers.evaluate import eval_metrics, generate_and_score, held_out_report, rollout_metrics
 from r1mega.trainers.metrics import MetricsLogger
 from r1mega.trainers.plots import plot_metrics
-from r1mega.trainers.policy_model import (
-    engine_weights, expert_load_stats, reset_reference, trainable, update_expert_bias,
-)
+from r1mega.trainers.policy_model import policy_for_backend
 from r1mega.trainers.policy_update import (
     is_on_policy, sequence_kl, sequence_logprobs, steps_per_rollout, update_policy,
 )
@@ -92,7 +90,7 @@ class GRPOTrainer:
                                    longest_sequence(cfg, self.tokenizer, policy.config,
                                                     {"training": self.prompts.rows, **self.held_out}),
                                    self.device, record_routing=algo.routing_replay)
-        self.policy = trainable(cfg.model, policy, self.dp)
+        self.policy = policy_for_backend(cfg.model, policy, self.dp)
         allow_isolation(cfg.reward.sandbox.allow)  # before the pool starts: its workers inherit it
         self.scorer = ScoringPool(list(cfg.reward.components.items()), cfg.reward.num_workers, cfg.reward.timeout)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=algo.lr, betas=tuple(algo.betas),
@@ -160,20 +158,20 @@ class GRPOTrainer:
             batch.old_logp = self.dp.sum(batch.old_logp)
         timings["time/train"] = time.perf_counter() - started
 
-        self.dp.sum_expert_load(self.policy)
-        expert_stats = expert_load_stats(self.policy)  # the load the bias update acts on
-        update_expert_bias(self.policy, algo.expert_bias_rate)
+        self.policy.sum_expert_load(self.dp.group)
+        expert_stats = self.policy.expert_load_stats()  # the load the bias update acts on
+        self.policy.update_expert_bias(algo.expert_bias_rate)
         timings.update(self.rollouts.wait())  # the engine's weights change only between generations
         started = time.perf_counter()
         before, self.step, self.rollout = self.step, self.step + steps, self.rollout + 1
-        self.engine.update_weights(engine_weights(self.policy), version=self.step)  # collective
+        self.engine.update_weights(self.policy.engine_weights(), version=self.step)  # collective
         self.engine.resume_memory()
         timings["time/weight_sync"] = time.perf_counter() - started
         generated = float(batch.mask.sum())
         timings["throughput/rollout_tokens_per_s"] = generated / generation_s
         timings["throughput/train_tokens_per_s"] = (generated + sum(map(len, batch.prompt_ids))) / timings["time/train"]
         if _reached(algo.ref_reset_every, before, self.step):
-            reset_reference(self.reference, self.policy)
+            self.policy.load_into_reference(self.reference)
         return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats, **kl_stats,
                 **sampling_stats, **shaping_stats, **correction_stats, **expert_stats, **timings, "lr": self.lr(self.step)}
 
@@ -279,7 +277,7 @@ class GRPOTrainer:
         self.shuffle.setstate(state["shuffle"])
         self.nan_streak = state["nan_streak"]
         torch.set_rng_state(state["torch_rng"])
-        self.engine.update_weights(engine_weights(self.policy), version=state["engine_version"])
+        self.engine.update_weights(self.policy.engine_weights(), version=state["engine_version"])
         self.step, self.rollout = state["step"], state["rollout"]
         self.rollouts.load_state_dict(state.get("rollouts", {}))
         if self.dp.distributed:

@@ -1,6 +1,6 @@
 """The policy the GRPO trainer optimises, whichever backend holds it.
 
-`trainable(model_cfg, policy, dp)` turns the native policy `Transformer` into the module the optimizer
+`policy_for_backend(model_cfg, policy, dp)` turns the native policy `Transformer` into the module the optimizer
 trains: the same model, FSDP2-sharded over the data-parallel ranks (`model.backend=native`), or a
 megatron-core GPTModel holding its weights (`model.backend=megatron`: `MegatronPolicy`; the reference
 model and the rollout engine keep native copies, so only the policy's forward, backward and optimizer
@@ -9,14 +9,10 @@ gradients summed over the data-parallel group (r1mega.parallel.replicate: torch'
 global-batch gradient FSDP2 gives the native policy; megatron's own parallel state then has tp = ep =
 1 and a data-parallel group of the whole world, which nothing in its forward uses.
 
-Beyond `nn.Module`, `output_weight` and the forward the loss ops use, the trainer needs a few things
-of its policy; the functions below use a backend's method of the same name when it has one, the
-native model's otherwise, so the trainer never asks which backend it has; `reset_reference` loads the
-policy's weights into the native reference.
-
-A pipelined native policy (r1mega.parallel.pipeline.PipelinedModel) brings its own `engine_weights` and
-`expert_load_stats` (its stages hold other layers each); its reference is pipelined alike, so
-`reset_reference` loads it by state dict, stage by stage.
+Beyond `nn.Module` (parameters, state dict, the forward the loss ops use), the trainer asks its policy
+what `Policy` lists, and never which backend answers: the native model answers as a `NativePolicy`
+(r1mega.parallel.native_policy; a pipelined one, `PipelinedModel`, with its own weight export and
+load metrics, its stages holding other layers each), the megatron backend as `MegatronPolicy`.
 
 Deliberately left out: megatron's tensor, expert and pipeline parallelism under the trainer
 (parallel.tp, parallel.ep and parallel.pp are refused with model.backend=megatron: the rollout
@@ -29,21 +25,46 @@ distributed optimizer (replicate.py says why).
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from r1mega.models import balance
-from r1mega.parallel import gathered_state_dict
+from r1mega.models.config import ModelConfig
+from r1mega.parallel import as_native_policy
 from r1mega.parallel.replicate import replicate
 
 
-def trainable(model_cfg, policy: nn.Module, dp) -> nn.Module:
+class Policy(Protocol):
+    """What the GRPO trainer asks of the policy it optimises, beyond `nn.Module`."""
+
+    config: ModelConfig
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """This rank's (vocabulary shard of the) output matrix, for the fused loss ops."""
+
+    def engine_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """Full weights under native names, for the rollout engine's `update_weights` (a collective)."""
+
+    def expert_load_stats(self) -> dict[str, float]:
+        """The MoE load metrics (r1mega.models.balance.load_stats) of the load the bias update acts on."""
+
+    def sum_expert_load(self, group: dist.ProcessGroup | None) -> None:
+        """Sums the MoE loads since the last bias update over the data-parallel `group` (None: one rank)."""
+
+    def update_expert_bias(self, rate: float) -> None:
+        """One aux-loss-free balancing step on the loads counted since the last one, which it resets."""
+
+    def load_into_reference(self, reference: nn.Module) -> None:
+        """The policy's weights into the native reference model (sharded as a native policy would be)."""
+
+
+def policy_for_backend(model_cfg, policy: nn.Module, dp) -> Policy:
+    """The native `policy` as the `Policy` of `model_cfg.backend`, parallelized as `dp` says."""
     if model_cfg.backend == "native":
-        return dp.parallelize(policy)
+        return as_native_policy(dp.parallelize(policy))
     if model_cfg.backend == "megatron":
         from r1mega.backends import megatron
 
@@ -70,39 +91,3 @@ def _world_of_one() -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29533")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
-
-
-def reset_reference(reference: nn.Module, policy: nn.Module) -> None:
-    """Loads the policy's weights into the reference model (native, sharded over the data-parallel
-    ranks under torchrun as a native policy would be)."""
-    own = getattr(policy, "engine_weights", None)
-    if own is None or type(policy) is type(reference):
-        reference.load_state_dict(policy.state_dict())  # the same model, sharded (and pipelined) alike
-        return
-    # Whole tensors under native names, the same on every rank: each rank cuts its own shards.
-    layout = reference.state_dict()
-    reference.load_state_dict({name: _as(layout.get(name), t) for name, t in own()})
-
-
-def _as(target, full: torch.Tensor) -> torch.Tensor:
-    """`full` sharded as `target` is (a DTensor), or `full` itself."""
-    if not isinstance(target, DTensor):
-        return full
-    # src_data_rank=None: every rank holds `full`, so no rank needs to send its piece
-    return distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
-
-
-def engine_weights(policy: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
-    """Full weights under native names, bucket by bucket (a collective under data parallelism)."""
-    own = getattr(policy, "engine_weights", None)
-    return own() if own is not None else gathered_state_dict(policy)
-
-
-def expert_load_stats(policy: nn.Module) -> dict[str, float]:
-    own = getattr(policy, "expert_load_stats", None)
-    return own() if own is not None else balance.expert_load_stats(policy)
-
-
-def update_expert_bias(policy: nn.Module, rate: float) -> None:
-    own = getattr(policy, "update_expert_bias", None)
-    return own(rate) if own is not None else balance.update_expert_bias(policy, rate)

@@ -1,11 +1,11 @@
-"""policy_model.trainable's refusals: the megatron backend under torchrun runs data parallel only."""
+"""policy_model.policy_for_backend's refusals: the megatron backend under torchrun runs data parallel only."""
 
 from types import SimpleNamespace
 
 import pytest
 from torch import nn
 
-from r1mega.trainers.policy_model import trainable
+from r1mega.trainers.policy_model import policy_for_backend
 
 
 @pytest.mark.parametrize("split", [{"tp": 2}, {"ep": 2}])
@@ -14,4 +14,4 @@ def test_megatron_under_torchrun_refuses_tensor_and_expert_parallel(split):
     dp = SimpleNamespace(distributed=True, dims=dims, parallel_cfg=None)
     key = next(iter(split))
     with pytest.raises(ValueError, match=f"parallel.{key}=2"):
-        trainable(SimpleNamespace(backend="megatron"), nn.Linear(2, 2), dp)
+        policy_for_backend(SimpleNamespace(backend="megatron"), nn.Linear(2, 2), dp)

@@ -19,7 +19,9 @@ What the GRPO trainer asks of its policy, and how each is answered here:
 - `expert_load_stats()` and `update_expert_bias(rate)`: the load metrics and the aux-loss-free
   balancing step of r1mega.models.balance, on the token counts megatron's routers keep
   (`local_tokens_per_expert`, padding taken back out); `sum_expert_load(group)` adds those counts
-  over data-parallel ranks first.
+  over data-parallel ranks first;
+- `load_into_reference(reference)`: the native reference takes `engine_weights()`, each rank cutting
+  its own shards of them.
 
 Deliberately left out: tensor-parallel weight export (native_weights gathers nothing yet) and the
 KV-cache path (rollouts run in the engine, never through this model).
@@ -38,6 +40,7 @@ from r1mega.models.balance import bias_step, load_stats
 from r1mega.models.config import ModelConfig
 from r1mega.models.routing import NO_RECORD, Routing
 from r1mega.models.shared_prefix import SharedPrefixRow
+from r1mega.parallel.weight_gather import load_full_state_dict
 
 
 class MegatronPolicy(nn.Module):
@@ -152,10 +155,16 @@ class MegatronPolicy(nn.Module):
 
     @torch.no_grad()
     def sum_expert_load(self, group) -> None:
-        """Sums the routers' token counts over the data-parallel `group` (before `update_expert_bias`,
-        so that every rank takes the same bias step, from the global batch's load)."""
+        """Sums the routers' token counts over the data-parallel `group` (None: one rank, nothing to add),
+        before `update_expert_bias`, so that every rank takes the same bias step, from the global batch's
+        load."""
+        if group is None:
+            return
         for _, router in self.routers():
             torch.distributed.all_reduce(router.local_tokens_per_expert, group=group)
+
+    def load_into_reference(self, reference: nn.Module) -> None:
+        load_full_state_dict(reference, self.engine_weights())
 
     def routers(self) -> list[tuple[str, nn.Module]]:
         """(name, router) of the MoE routers that keep an expert bias."""
