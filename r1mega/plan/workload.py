@@ -72,7 +72,7 @@ def model_config(model_cfg, vocab_size: int = 0) -> ModelConfig:
 
 def micro_batch_tokens(token_budget: int, longest: int, sequences_per_step: int) -> int:
     """The largest micro-batch a rank packs: the token budget, but never more than the rank's share of an
-    optimizer step's sequences (sharded_batch.deal splits a mini-batch's micro-batches over the
+    optimizer step's sequences (sharded_batch.micro_batches_per_rank splits a mini-batch's micro-batches over the
     data-parallel ranks, halving one when there are fewer than ranks), and never less than one whole
     longest sequence (a sample is never split)."""
     return max(longest, min(token_budget, sequences_per_step * longest))

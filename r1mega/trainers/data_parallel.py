@@ -10,13 +10,13 @@ group and every method below returns its input. One step:
   its contiguous share (`local`); `gather` all-gathers samples and scores, so every rank holds the batch
   one process would, in the same order. Sampling is seeded per (seed, prompt, sample index), so the
   samples are the same as one process's too.
-- logprobs and loss: `shard` turns the batch into a `ShardedRolloutBatch` (each rank runs its share of
-  the micro-batches); the per-token logprobs each rank computed are summed over ranks (`sum`, zeros
-  elsewhere). policy_update.py weights each micro-batch's loss by its share of the global mini-batch's
+- logprobs and loss: `shard` turns the batch into a `ShardedRolloutBatch` that knows the group (each
+  rank runs its share of the micro-batches, and the batch sums what the ranks computed: the per-token
+  logprobs, zeros outside a rank's rows, and the statistics). policy_update.py weights each micro-batch's loss by its share of the global mini-batch's
   sequences or tokens, so the ranks' losses add up to the global loss: FSDP is set to sum gradients
   over ranks (parallel.fsdp.sum_gradients) instead of averaging them.
-- statistics: the loss and the token means are share-weighted sums, so they are summed over ranks;
-  the ratio's extremes are min- and max-reduced; the gradient norm is already global
+- statistics: the loss and the token means are share-weighted sums, so the batch sums them over
+  ranks; the ratio's extremes are min- and max-reduced; the gradient norm is already global
   (r1mega.parallel.grad_clip reduces it over every mesh), and the ranks agree on skipping a step
   (policy_update.py).
 - MoE: expert loads are summed over the data-parallel `group` before the bias update (the policy's
@@ -57,14 +57,8 @@ from r1mega.parallel.pipeline import schedule_settings
 from r1mega.parallel.checkpointing import apply_activation_checkpointing
 from r1mega.parallel.fsdp import sum_gradients
 from r1mega.rewards import ScoreResult
-from r1mega.trainers.policy_update import EXTREMES
 from r1mega.trainers.rollout_batch import RolloutBatch
 from r1mega.trainers.sharded_batch import ShardedRolloutBatch
-
-# update_policy's statistics that are the same on every rank already
-_GLOBAL_STATS = ("train/grad_norm", "train/nan_steps")
-_EXTREME_OPS = {min: dist.ReduceOp.MIN, max: dist.ReduceOp.MAX}
-
 
 def model_layers(model_cfg) -> int:
     """The policy's layer count, from its config alone (no weights read)."""
@@ -179,28 +173,14 @@ class DataParallel:
         if self.size == 1:
             return batch
         fields = {name: getattr(batch, name) for name in RolloutBatch.__dataclass_fields__}
-        return ShardedRolloutBatch(**fields, dp_rank=self.rank, dp_size=self.size)
+        return ShardedRolloutBatch(**fields, dp_rank=self.rank, dp_size=self.size, group=self.group,
+                                   comm_device=self.device)
 
     # ---- reductions
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` summed over data-parallel ranks."""
-        return self._reduce(tensor, dist.ReduceOp.SUM)
-
-    def _reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
-        """`tensor` reduced by `op` over data-parallel ranks (on the communication device, returned where it was)."""
+        """`tensor` summed over data-parallel ranks (on the communication device, returned where it was)."""
         if self.size == 1:
             return tensor
         out = tensor.to(self.device)
-        dist.all_reduce(out, op=op, group=self.group)
+        dist.all_reduce(out, group=self.group)
         return out.to(tensor.device)
-
-    def sum_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        """update_policy's statistics over the global batch: its share-weighted sums added over ranks,
-        its extremes reduced by min or max."""
-        extremes = {f"train/{key}": _EXTREME_OPS[pick] for key, (pick, _) in EXTREMES.items()}
-        keys = sorted(k for k in stats if k not in _GLOBAL_STATS and k not in extremes)
-        totals = self.sum(torch.tensor([stats[k] for k in keys], dtype=torch.float64))
-        out = {**stats, **dict(zip(keys, totals.tolist()))}
-        for key, op in extremes.items():
-            out[key] = float(self._reduce(torch.tensor([stats[key]], dtype=torch.float64), op))
-        return out

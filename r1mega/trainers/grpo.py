@@ -150,12 +150,11 @@ class GRPOTrainer:
         correction_stats = correct_rollouts(batch, algo.correction) if corrects_rollouts(algo) else {}
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(self.step)
-        stats = self.dp.sum_stats(update_policy(self.policy, self.optimizer, batch, algo,
-                                                max_new_tokens=sampling.max_new_tokens,
-                                                temperature=cfg.rollout.temperature, device=self.device,
-                                                generator=self.shuffle, steps=steps, on_step=self._count_nan_step))
-        if on_policy:  # the loss pass filled in this rank's rows
-            batch.old_logp = self.dp.sum(batch.old_logp)
+        update = update_policy(self.policy, self.optimizer, batch, algo, max_new_tokens=sampling.max_new_tokens,
+                               temperature=cfg.rollout.temperature, device=self.device, generator=self.shuffle,
+                               steps=steps, on_step=self._count_nan_step)
+        if on_policy:
+            batch.old_logp = update.logp
         timings["time/train"] = time.perf_counter() - started
 
         self.policy.sum_expert_load(self.dp.group)
@@ -172,14 +171,14 @@ class GRPOTrainer:
         timings["throughput/train_tokens_per_s"] = (generated + sum(map(len, batch.prompt_ids))) / timings["time/train"]
         if _reached(algo.ref_reset_every, before, self.step):
             self.policy.load_into_reference(self.reference)
-        return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **stats, **kl_stats,
+        return {**scores.metrics, **rollout_metrics(samples, scores, batch, self.tokenizer), **update.stats, **kl_stats,
                 **sampling_stats, **shaping_stats, **correction_stats, **expert_stats, **timings, "lr": self.lr(self.step)}
 
     def _logprobs(self, model, batch, replay_routing: bool = False) -> torch.Tensor:
         """Per-token logprobs [S, R] of the whole batch; each data-parallel rank computes its micro-batches."""
-        return self.dp.sum(sequence_logprobs(model, batch, temperature=self.cfg.rollout.temperature,
-                                             token_budget=self.cfg.algo.token_budget, device=self.device,
-                                             replay_routing=replay_routing))
+        return sequence_logprobs(model, batch, temperature=self.cfg.rollout.temperature,
+                                 token_budget=self.cfg.algo.token_budget, device=self.device,
+                                 replay_routing=replay_routing)
 
     def _count_nan_step(self, finite: bool) -> None:
         self.nan_streak = 0 if finite else self.nan_streak + 1

@@ -5,8 +5,11 @@ through the fused vocabulary-chunked ops, so no [tokens, vocabulary] tensor ever
 
 On-policy (one mini-batch, one inner epoch, so the only optimizer step sees the policy that the
 rollouts' old logprobs would come from), the batch arrives without old logprobs: the loss pass uses
-its own, detached (the op's `old_logp=None`), and stores them in the batch for the metrics. That saves
-one full forward per step, as TRL does in the same case.
+its own, detached (the op's `old_logp=None`), and returns them for the metrics. That saves one full
+forward per step, as TRL does in the same case.
+
+Both passes return results of the whole batch, whatever the rank: the batch reduces over the ranks that
+share it (`RolloutBatch.all_reduce`, sharded_batch.py), and nothing is written into it.
 
 Micro-batch losses are weighted so that their sum equals the loss of the whole mini-batch under the
 configured aggregation: by the share of sequences (sequence-level means) or of valid tokens
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -41,15 +45,22 @@ from r1mega.trainers.rollout_batch import RolloutBatch
 from r1mega.trainers.token_batch import logprob_head, run_micro_batches
 
 # linear_grpo_loss's statistics that are extremes over valid tokens: (how two combine, the value of no
-# token). The others are means over valid tokens.
-EXTREMES = {"ratio_min": (min, math.inf), "ratio_max": (max, -math.inf)}
+# token, its reduction over ranks). The others are means over valid tokens.
+EXTREMES = {"ratio_min": (min, math.inf, "min"), "ratio_max": (max, -math.inf, "max")}
+
+
+@dataclass
+class PolicyUpdate:
+    stats: dict[str, float]  # "train/..." statistics of the global batch (update_policy)
+    logp: torch.Tensor | None  # on-policy: the loss pass's per-token logprobs [S, R] of the whole batch
 
 
 @torch.no_grad()
 def sequence_logprobs(model, batch: RolloutBatch, *, temperature: float, token_budget: int, device,
                       replay_routing: bool = False) -> torch.Tensor:
-    """Logprob [S, R] of each response token under `model` (0 where masked); with `replay_routing`, routed
-    to the engine's experts (the batch's routing record, token_batch.py)."""
+    """Logprob [S, R] of each response token of the whole batch under `model` (0 where masked), each rank
+    running its own micro-batches; with `replay_routing`, routed to the engine's experts (the batch's
+    routing record, token_batch.py)."""
     out = torch.zeros_like(batch.mask)
     indices = batch.micro_batches(token_budget)
     micro_batches = [batch.select(index) for index in indices]
@@ -61,7 +72,7 @@ def sequence_logprobs(model, batch: RolloutBatch, *, temperature: float, token_b
                               routings=[_replayed(micro, replay_routing) for micro in micro_batches])
     for index, logp in zip(indices, logps):
         _place(out, index, logp)
-    return out
+    return batch.all_reduce(out)
 
 
 def _replayed(batch: RolloutBatch, replay: bool) -> list[torch.Tensor] | None:
@@ -87,7 +98,9 @@ def _place(out: torch.Tensor, rows: list[int], logp: torch.Tensor) -> None:
     out[torch.tensor(rows)[:, None], torch.arange(logp.shape[1])[None]] = logp.float().cpu()
 
 
-def _share(micro: RolloutBatch, mini: RolloutBatch, agg: str) -> float:
+def _fraction_of_mini_batch(micro: RolloutBatch, mini: RolloutBatch, agg: str) -> float:
+    """The micro-batch's weight in the mini-batch: its share of the sequences or, for "token-mean", of the
+    valid tokens."""
     micro_mask, mini_mask = micro.loss_tokens(), mini.loss_tokens()
     if agg == "token-mean":
         return float(micro_mask.sum() / mini_mask.sum().clamp(min=1))
@@ -103,7 +116,7 @@ def _finite_on_every_rank(loss: float, grad_norm: torch.Tensor, device) -> bool:
 
 
 def _no_tokens() -> dict[str, float]:
-    return {key: none for key, (_, none) in EXTREMES.items()}
+    return {key: none for key, (_, none, _) in EXTREMES.items()}
 
 
 def _add(into: dict[str, float], stats: dict[str, float], weight: float = 1.0) -> None:
@@ -113,6 +126,17 @@ def _add(into: dict[str, float], stats: dict[str, float], weight: float = 1.0) -
             into[key] = EXTREMES[key][0](into[key], value)
         else:
             into[key] = into.get(key, 0.0) + value * weight
+
+
+def _over_ranks(stats: dict[str, float], batch: RolloutBatch) -> dict[str, float]:
+    """One rank's statistics of a mini-batch made the global mini-batch's: the share-weighted sums added
+    over the ranks that share `batch`, the extremes min- or max-reduced."""
+    sums = sorted(key for key in stats if key not in EXTREMES)
+    totals = batch.all_reduce(torch.tensor([stats[key] for key in sums], dtype=torch.float64))
+    out = dict(zip(sums, totals.tolist()))
+    for key, (_, _, op) in EXTREMES.items():
+        out[key] = float(batch.all_reduce(torch.tensor([stats[key]], dtype=torch.float64), op))
+    return out
 
 
 def _micro_stats(stats: dict[str, torch.Tensor], micro: RolloutBatch) -> dict[str, float]:
@@ -157,16 +181,16 @@ def _mini_batches(samples: int, algo, generator: random.Random) -> list[list[int
 
 def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens: int, temperature: float, device,
                   generator: random.Random, steps: int | None = None,
-                  on_step: Callable[[bool], None] | None = None) -> dict[str, float]:
+                  on_step: Callable[[bool], None] | None = None) -> PolicyUpdate:
     """Inner epochs over shuffled mini-batches: forward, fused logprob + GRPO loss, backward, step; the
     first `steps` of them only when given (a run's last rollout). `on_step(finite)` is called after each.
 
-    `batch.old_logp` None: on-policy (module docstring); filled from the loss pass on return.
+    `batch.old_logp` None: on-policy (module docstring), the loss pass's logprobs returned as `logp`.
     `max_new_tokens`: the generation budget of the rollout, the constant divisor of Dr. GRPO's
     "seq-mean-token-sum-norm" (Liu et al. 2025), the same for every micro-batch and every step.
-    Returns the mean of each statistic over optimizer steps, but `ratio_min` and `ratio_max` over all
-    their valid tokens (+inf and -inf without any, the identities a data-parallel min and max need),
-    plus `nan_steps`: updates skipped because the loss or the gradient norm was not finite.
+    The statistics, of the global batch: the mean of each over optimizer steps, but `ratio_min` and
+    `ratio_max` over all their valid tokens (+inf and -inf without any), plus `nan_steps`: updates skipped
+    because the loss or the gradient norm was not finite.
     """
     on_policy = batch.old_logp is None
     if on_policy and not is_on_policy(algo):
@@ -190,7 +214,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens
                 micro.loss_tokens().to(hidden.device), temperature=temperature, clip_low=algo.clip_low,
                 clip_high=algo.clip_high, beta=beta, agg=algo.agg, max_len=max_new_tokens, ratio=algo.ratio,
                 return_logp=True)
-            share = _share(micro, mini, algo.agg)
+            share = _fraction_of_mini_batch(micro, mini, algo.agg)
             logp = (logp.detach() * micro.mask.to(logp.device)).cpu()
             return loss * share, (loss.item() * share, _micro_stats(stats, micro), logp)
 
@@ -201,7 +225,8 @@ def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens
             if on_policy:
                 _place(current_logp, [members[i] for i in index], logp)
             step_stats["loss"] += loss
-            _add(step_stats, stats, _share(micro, mini, "token-mean"))  # token means
+            _add(step_stats, stats, _fraction_of_mini_batch(micro, mini, "token-mean"))  # token means
+        step_stats = _over_ranks(step_stats, batch)
         grad_norm = clip_gradients(model, algo.grad_clip)
         finite = _finite_on_every_rank(step_stats["loss"], grad_norm, device)
         if finite:
@@ -214,8 +239,6 @@ def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens
             nan_steps += 1
         if on_step is not None:
             on_step(finite)
-    if on_policy:
-        batch.old_logp = current_logp
     means = {f"train/{k}": v if k in EXTREMES else v / max(1, updates) for k, v in totals.items()}
     means["train/nan_steps"] = float(nan_steps)
-    return means
+    return PolicyUpdate(means, batch.all_reduce(current_logp) if on_policy else None)

@@ -24,6 +24,11 @@ class RolloutBatch(TokenBatch):
     def loss_tokens(self) -> torch.Tensor:
         return self.mask if self.loss_mask is None else self.loss_mask
 
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """`tensor` reduced by `op` ("sum", "min" or "max") over the ranks that share this batch: here one
+        process holds it whole, so `tensor` itself (a data-parallel shard reduces, sharded_batch.py)."""
+        return tensor
+
     @classmethod
     def from_samples(cls, samples, rewards: torch.Tensor) -> "RolloutBatch":
         """`samples`: a flat list of engine `Sample`s, group after group."""

@@ -71,11 +71,11 @@ def test_on_policy_update_equals_the_update_with_recomputed_old_logprobs(tmp_pat
                              advantages=group_advantages(rewards, group_size=4))
         if recompute:
             batch.old_logp = sequence_logprobs(policy, batch, temperature=1.0, token_budget=40, device="cpu")
-        stats = update_policy(policy, optimizer, batch, cfg.algo, max_new_tokens=9, temperature=1.0, device="cpu",
-                              generator=random.Random(0))
-        updated.append((policy.state_dict(), batch.old_logp, stats))
+        update = update_policy(policy, optimizer, batch, cfg.algo, max_new_tokens=9, temperature=1.0, device="cpu",
+                               generator=random.Random(0))
+        updated.append((policy.state_dict(), batch.old_logp if recompute else update.logp, update.stats))
     (on_policy, on_logp, on_stats), (recomputed, re_logp, re_stats) = updated
-    torch.testing.assert_close(on_logp, re_logp, atol=1e-5, rtol=0)  # filled in for the mismatch metric
+    torch.testing.assert_close(on_logp, re_logp, atol=1e-5, rtol=0)  # returned for the mismatch metric
     assert on_stats["train/clip_fraction"] == 0 and on_stats["train/ratio_max"] == 1.0
     torch.testing.assert_close(on_stats["train/loss"], re_stats["train/loss"], atol=1e-6, rtol=1e-5)
     for name, tensor in on_policy.items():

@@ -50,7 +50,7 @@ def test_statistics_do_not_depend_on_packing(agg):
         policy = copy.deepcopy(model)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=algo.lr)
         stats = update_policy(policy, optimizer, _batch(), algo, max_new_tokens=12, temperature=1.0, device="cpu",
-                              generator=random.Random(0))
+                              generator=random.Random(0)).stats
         results.append((stats, policy.state_dict()))
     (packed, packed_state), (whole, whole_state) = results
     assert 0 < whole["train/clip_fraction"] < 1 and whole["train/kl"] > 0
@@ -73,7 +73,7 @@ def test_dr_grpo_divides_by_the_generation_budget():
     policy = copy.deepcopy(model)
     # lr 0: the parameters stay, their .grad holds the step's gradient (grad_clip too large to scale it)
     stats = update_policy(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, algo, max_new_tokens=budget,
-                          temperature=1.0, device="cpu", generator=random.Random(0))
+                          temperature=1.0, device="cpu", generator=random.Random(0)).stats
     total = 0.0
     for i, prompt in enumerate(batch.prompt_ids):
         n = int(batch.mask[i].sum())

@@ -100,7 +100,7 @@ def test_update_with_correction_matches_its_loss(weights, mask, threshold):
     stats = correct_rollouts(batch, correction)
     policy = copy.deepcopy(model)
     got = update_policy(policy, torch.optim.SGD(policy.parameters(), lr=0.0), batch, algo, max_new_tokens=16,
-                        temperature=1.0, device="cpu", generator=random.Random(0))
+                        temperature=1.0, device="cpu", generator=random.Random(0)).stats
     total, kept_rows, kept_tokens, valid_tokens = 0.0, 0, 0, 0
     for i, prompt in enumerate(batch.prompt_ids):
         n = int(batch.mask[i].sum())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from r1mega.data.packing import pack_sequences
-from r1mega.trainers.sharded_batch import ShardedRolloutBatch, deal
+from r1mega.trainers.sharded_batch import ShardedRolloutBatch, micro_batches_per_rank
 
 
 def _check_partition(shares, n):
@@ -22,7 +22,7 @@ def test_a_divisible_count_deals_one_process_micro_batches():
     lengths = [9, 3, 7, 5, 2, 8, 4, 6]
     bins = pack_sequences(lengths, 11)  # four micro-batches of 9 + 2, 8 + 3, 7 + 4, 6 + 5
     assert len(bins) == 4
-    shares = deal(bins, lengths, 2)
+    shares = micro_batches_per_rank(bins, lengths, 2)
     assert shares == [bins[0::2], bins[1::2]]
 
 
@@ -32,14 +32,14 @@ def test_every_rank_gets_the_same_number_of_micro_batches(ranks, budget):
     rng = random.Random(budget * 10 + ranks)
     for _ in range(20):
         lengths = [rng.randint(1, 20) for _ in range(ranks * rng.randint(1, 6))]
-        shares = deal(pack_sequences(lengths, budget), lengths, ranks)
+        shares = micro_batches_per_rank(pack_sequences(lengths, budget), lengths, ranks)
         _check_partition(shares, len(lengths))
         assert all(sum(lengths[i] for i in micro) <= max(budget, max(lengths)) for s in shares for micro in s)
 
 
 def test_too_few_sequences_is_an_error():
     with pytest.raises(ValueError, match="same number of micro-batches"):
-        deal([[0], [1], [2]], [1, 1, 1], 2)
+        micro_batches_per_rank([[0], [1], [2]], [1, 1, 1], 2)
 
 
 def test_sharded_batch_keeps_its_rank_through_select():
