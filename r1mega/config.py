@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from r1mega.rollout.engine import SamplingParams
+
 
 @dataclass
 class ModelConfig:
@@ -213,13 +215,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     eval_every: int = 50
-    # Held-out evaluation as the paper reports pass@1: the mean correctness of k samples at T=0.6, top-p 0.95
-    # (eval/accuracy), and of one greedy response (eval/greedy_accuracy) when eval_greedy.
-    eval_samples: int = 4
-    eval_temperature: float = 0.6
-    eval_top_p: float = 0.95
+    # Held-out evaluation as the paper reports pass@1: the mean correctness of n samples at T=0.6, top-p 0.95
+    # (eval/accuracy), and of one greedy response (eval/greedy_accuracy) when eval_greedy. The model's EOS
+    # always stops a response; max_new_tokens 0: the rollouts' (rollout.max_new_tokens at the step), seed
+    # None: train.seed.
+    eval_sampling: SamplingParams = field(default_factory=lambda: SamplingParams(
+        n=4, temperature=0.6, top_p=0.95, max_new_tokens=0))
     eval_greedy: bool = True
-    eval_max_new_tokens: Optional[int] = None  # None: the rollouts' (rollout.max_new_tokens at the step)
     device: str = "auto"
     cpu_threads: int = 0  # torch's intra-op threads on CPU; 0 keeps torch's default
     # CPU kernels pinned to one instruction set (r1mega/trainers/cpu_kernels.py): the same numbers on every

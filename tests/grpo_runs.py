@@ -9,7 +9,7 @@ import reward_helpers  # noqa: F401  (registers test_digit_share)
 
 TINY = ["model.init=random", "data.task=arithmetic", "data.train_size=64", "data.test_size=4",
         "algo.train_batch_size=2", "algo.group_size=4", "algo.ppo_mini_batch_size=2", "algo.lr=1e-3", "algo.beta=0.01", "algo.ref_reset_every=2",
-        "rollout.max_new_tokens=[[0,6]]", "train.eval_max_new_tokens=null", "data.hard_difficulty=null",
+        "rollout.max_new_tokens=[[0,6]]", "train.eval_sampling.max_new_tokens=0", "data.hard_difficulty=null",
         "train.progress=false", "train.tensorboard=false"]
 
 

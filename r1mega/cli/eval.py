@@ -1,7 +1,7 @@
 """`r1mega-eval`: pass@1, pass@k, cons@k and response length of a checkpoint, per dataset.
 
     r1mega-eval model_path=runs/pipeline/2_reasoning_rl/model                    # held-out arithmetic
-    r1mega-eval model_path=/ckpt datasets=[/data/aime24.jsonl] sampling.k=64 sampling.max_new_tokens=32768
+    r1mega-eval model_path=/ckpt datasets=[/data/aime24.jsonl] sampling.n=64 sampling.max_new_tokens=32768
 
 Writes eval.json and eval.md under `out_dir` and prints the markdown table.
 """

@@ -2,7 +2,7 @@
 
     r1mega-pipeline                                     # embedded tiny default, 2-core CPU, <= 20 minutes
     r1mega-pipeline pipeline.start_stage=3              # rerun from rejection sampling, reuse stages 0-2
-    r1mega-pipeline pipeline.out_dir=runs/p2 pipeline.r1_zero.steps=100 pipeline.eval.sampling.k=16
+    r1mega-pipeline pipeline.out_dir=runs/p2 pipeline.r1_zero.steps=100 pipeline.eval.sampling.n=16
 
 Every key of r1mega/pipeline/config.py can be overridden; the report is <pipeline.out_dir>/report.md.
 """

@@ -1,4 +1,4 @@
-"""k sampled responses per held-out question, graded, summarised per dataset.
+"""n sampled responses per held-out question, graded, summarised per dataset.
 
 `evaluate_rows` takes any engine that speaks the `Engine` protocol (r1mega/rollout) and rows holding a
 rendered "prompt" and an "answer"; the samples are graded by the registered rewards through a
@@ -16,6 +16,7 @@ Deliberately left out: pass@k for k larger than the number of samples, code-exec
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,23 +29,24 @@ from r1mega.trainers.evaluate import accuracy_of
 
 
 @dataclass
-class EvalSettings:
-    k: int = 16  # samples per question
+class EvalSettings(SamplingParams):
+    """The paper's protocol: `n` samples per question at temperature 0.6, top-p 0.95; the model's EOS
+    always stops a response."""
+
+    n: int = 16
     temperature: float = 0.6
     top_p: float = 0.95
     max_new_tokens: int = 32768
+    seed: int = 0
     pass_k: list[int] = field(default_factory=lambda: [1])  # pass@k values reported besides pass@1
     reward: dict[str, float] = field(default_factory=lambda: {"math_accuracy": 1.0})
-    seed: int = 0
 
 
 def evaluate_rows(engine, tokenizer, rows: Sequence[Mapping[str, Any]], settings: EvalSettings,
                   scorer: ScoringPool) -> dict[str, float]:
     """pass@1 (mean over k samples), pass@k for each `settings.pass_k`, cons@k and response length."""
-    k = settings.k
-    sampling = SamplingParams(n=k, temperature=settings.temperature, top_p=settings.top_p,
-                              max_new_tokens=settings.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id],
-                              seed=settings.seed)
+    k = settings.n
+    sampling = dataclasses.replace(settings, stop_token_ids=[*settings.stop_token_ids, tokenizer.eos_token_id])
     groups = engine.generate([tokenizer.encode(r["prompt"]) for r in rows], sampling)
     raise_refused(groups, rows)
     texts = [s.text for group in groups for s in group]

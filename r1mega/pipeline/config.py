@@ -106,7 +106,7 @@ class PipelineEval:
     # Synthetic task names (their held-out split) or prompt files with "prompt"/"answer".
     datasets: list[str] = field(default_factory=lambda: ["arithmetic"])
     size: int = 256
-    sampling: EvalSettings = field(default_factory=lambda: EvalSettings(k=16, pass_k=[1, 4, 16]))
+    sampling: EvalSettings = field(default_factory=lambda: EvalSettings(n=16, pass_k=[1, 4, 16]))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Rejection sampling (R1 stage 3): k samples per prompt from a checkpoint, kept only when correct and
+"""Rejection sampling (R1 stage 3): n samples per prompt from a checkpoint, kept only when correct and
 readable, written as SFT jsonl with provenance.
 
 A sample is kept when, in this order (the first failed test is the reason it is dropped):
@@ -28,6 +28,7 @@ import os
 import random
 import re
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -42,15 +43,17 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 
 @dataclass
-class RejectionSettings:
-    k: int = 4  # samples per prompt
+class RejectionSettings(SamplingParams):
+    """`n` samples per prompt, and the filters' thresholds; the model's EOS always stops a response."""
+
+    n: int = 4
     temperature: float = 0.7
     top_p: float = 0.95
     max_new_tokens: int = 32768
+    seed: int = 0
     min_language_consistency: float = 0.95
     max_paragraph_chars: int = 2000
     max_per_prompt: int = 2
-    seed: int = 0
 
 
 # ---- filters: each returns the reason a sample is dropped, or None ----------------------------------
@@ -113,18 +116,16 @@ def select(candidates: Sequence[tuple[str, Mapping[str, float]]], row: Mapping[s
 def rejection_sample(engine, tokenizer, rows: Sequence[Mapping[str, Any]], scorer, settings: RejectionSettings,
                      *, source: str) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Kept rows (with provenance) and statistics: samples drawn, kept, and dropped per reason."""
-    sampling = SamplingParams(n=settings.k, temperature=settings.temperature, top_p=settings.top_p,
-                              max_new_tokens=settings.max_new_tokens, stop_token_ids=[tokenizer.eos_token_id],
-                              seed=settings.seed)
+    sampling = dataclasses.replace(settings, stop_token_ids=[*settings.stop_token_ids, tokenizer.eos_token_id])
     groups = engine.generate([tokenizer.encode(r["prompt"]) for r in rows], sampling)
     raise_refused(groups, rows)
     texts = [s.text for group in groups for s in group]
-    scores = scorer.score(texts, [r for r in rows for _ in range(settings.k)])
+    scores = scorer.score(texts, [r for r in rows for _ in range(settings.n)])
     out, dropped = [], Counter()
     for q, row in enumerate(rows):
         candidates = []
-        for j in range(settings.k):
-            flat = q * settings.k + j
+        for j in range(settings.n):
+            flat = q * settings.n + j
             components = {name: values[flat] for name, values in scores.components.items()}
             candidates.append((texts[flat], components))
         kept, reasons = select(candidates, row, settings)

@@ -107,9 +107,9 @@ def write_report(root: Path, records: Sequence[dict[str, Any]], cfg) -> Path:
     training_png = plot_training(records, root / "report_training.png")
     sampling = cfg.pipeline.eval.sampling
     lines = ["# R1 pipeline report", "",
-             f"Evaluation after every stage: {sampling.k} samples per question, temperature {sampling.temperature}, "
+             f"Evaluation after every stage: {sampling.n} samples per question, temperature {sampling.temperature}, "
              f"top-p {sampling.top_p}, at most {sampling.max_new_tokens} new tokens; pass@1 is the mean correctness "
-             f"over the samples, pass@k the unbiased estimator, cons@{sampling.k} the majority-voted answer "
+             f"over the samples, pass@k the unbiased estimator, cons@{sampling.n} the majority-voted answer "
              "(percent); response length in tokens.", ""]
     datasets = sorted({ds for r in records for ds in r["eval"]})
     for ds in datasets:

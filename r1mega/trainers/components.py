@@ -108,9 +108,9 @@ def longest_sequence(cfg: Config, tokenizer: Tokenizer, model_config,
                      row_sets: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
     """The engine's max_len: the longest prompt of every row that can reach it (`row_sets`: set name ->
     rows, the training and the held-out ones) + the longest max_new_tokens of the rollouts' schedule and
-    of the evaluation (train.eval_max_new_tokens). A prompt that
+    of the evaluation (train.eval_sampling.max_new_tokens). A prompt that
     would run past the model's max_position_embeddings is refused here, its row named."""
     prompts = {name: [tokenizer.encode(r["prompt"]) for r in rows] for name, rows in row_sets.items()}
     scheduled = [value for _, value in cfg.rollout.max_new_tokens]
-    longest_response = max(scheduled + [cfg.train.eval_max_new_tokens or 0])
+    longest_response = max(scheduled + [cfg.train.eval_sampling.max_new_tokens])
     return max_len_for(prompts, longest_response, model_config.max_position_embeddings, key="rollout.max_new_tokens")

@@ -186,13 +186,13 @@ class GRPOTrainer:
             raise FloatingPointError(f"{self.nan_streak} steps in a row had a NaN/inf loss or gradient; stopping")
 
     def evaluate(self) -> dict[str, float]:
-        """Every held-out split by the paper's protocol: pass@1 over `eval_samples` samples at the eval
-        temperature and top-p (`eval/accuracy`), and one greedy response (`eval/greedy_accuracy`)."""
+        """Every held-out split by the paper's protocol: pass@1 over train.eval_sampling's samples
+        (`eval/accuracy`), and one greedy response (`eval/greedy_accuracy`)."""
         train, out = self.cfg.train, {}
-        rollout = self.sampling()
-        sampled = dataclasses.replace(rollout, n=train.eval_samples, temperature=train.eval_temperature,
-                                      top_p=train.eval_top_p, top_k=0, seed=train.seed,
-                                      max_new_tokens=train.eval_max_new_tokens or rollout.max_new_tokens)
+        rollout, settings = self.sampling(), train.eval_sampling
+        sampled = dataclasses.replace(settings, stop_token_ids=[*settings.stop_token_ids, self.tokenizer.eos_token_id],
+                                      max_new_tokens=settings.max_new_tokens or rollout.max_new_tokens,
+                                      seed=train.seed if settings.seed is None else settings.seed)
         protocols = {"": sampled}
         if train.eval_greedy:
             protocols["greedy_"] = dataclasses.replace(sampled, n=1, temperature=0.0, top_p=1.0)

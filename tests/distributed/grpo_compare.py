@@ -20,7 +20,7 @@ ROOT = str(Path(__file__).resolve().parents[2])
 ARGS = ["model.init=random", "data.train_size=64", "data.test_size=6", "algo.train_batch_size=4",
         "algo.group_size=4", "algo.ppo_mini_batch_size=2", "algo.lr=3e-4", "algo.schedule=constant", "algo.beta=0.1",
         "rollout.max_new_tokens=[[0,8]]", "train.cpu_threads=1", "train.progress=false", "train.tensorboard=false",
-        "train.eval_every=8", "train.save_every=4", "train.eval_max_new_tokens=null", "data.hard_difficulty=null"]
+        "train.eval_every=8", "train.save_every=4", "train.eval_sampling.max_new_tokens=0", "data.hard_difficulty=null"]
 TIMING = ("time/", "throughput/", "reward/score_time_s")
 # Metrics of the engine's logprobs against the trainer's: a few fp32 ulps apart between generation batches
 # (and, when the samples are stale, as far apart as the trainer's logprobs are).

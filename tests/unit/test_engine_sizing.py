@@ -66,6 +66,6 @@ def test_evaluation_names_a_refused_row_instead_of_scoring_it_wrong():
     model = tiny_model(4096)
     data = rows("1+1", "123+456+789+123+456+789")
     engine = NativeEngine(model, TOKENIZER, max_slots=2, max_len=len(TOKENIZER.encode("1+1")) + 4)
-    settings = EvalSettings(k=1, max_new_tokens=4, temperature=0.0)
+    settings = EvalSettings(n=1, max_new_tokens=4, temperature=0.0)
     with pytest.raises(ValueError, match=r"refused row 1 \('123\+456"):
         evaluate_rows(engine, TOKENIZER, data, settings, scorer=None)

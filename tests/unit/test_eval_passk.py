@@ -98,7 +98,7 @@ def test_evaluate_rows_on_scripted_samples():
                              [a("7"), a("8"), a("8"), a("7")]])  # 2 of 4 right; tie 7-8, first-seen 7 wins
     rows = [{"prompt": "q1", "answer": "\\frac{1}{2}"}, {"prompt": "q2", "answer": "8"}]
     with ScoringPool({"math_accuracy": 1.0}) as scorer:
-        out = evaluate_rows(engine, CharTokenizer(), rows, EvalSettings(k=4, pass_k=[1, 2, 4]), scorer)
+        out = evaluate_rows(engine, CharTokenizer(), rows, EvalSettings(n=4, pass_k=[1, 2, 4]), scorer)
     assert out["pass@1"] == pytest.approx(0.5)
     assert out["pass@2"] == pytest.approx(1 - comb(2, 2) / comb(4, 2))
     assert out["pass@4"] == 1.0

@@ -17,7 +17,7 @@ def test_every_split_is_sampled_at_k4_t06_top_p095_and_greedily():
 
     with tempfile.TemporaryDirectory() as out:
         cfg = grpo_config(out, "data.task=chain", "data.difficulty=2", "data.hard_difficulty=4", "data.test_size=3",
-                          "data.template=plain", "train.eval_max_new_tokens=9")
+                          "data.template=plain", "train.eval_sampling.max_new_tokens=9")
         cfg.reward.components = {"math_accuracy": 1.0, "format_r1_zero": 1.0}
         trainer = GRPOTrainer(cfg)
         calls, generate = [], trainer.engine.generate

@@ -24,13 +24,13 @@ MINIMAL = [
     "rollout.max_new_tokens=[[0,6]]", "data.train_size=32", "data.test_size=2", "train.progress=false",
     "pipeline.r1_zero.steps=1", "pipeline.reasoning_rl.steps=1", "pipeline.all_scenario_rl.steps=1",
     "pipeline.cold_start.size=8", "pipeline.cold_start.batch_size=8",
-    "pipeline.rejection.prompts=4", "pipeline.rejection.sampling.k=2", "pipeline.rejection.sampling.max_new_tokens=6",
+    "pipeline.rejection.prompts=4", "pipeline.rejection.sampling.n=2", "pipeline.rejection.sampling.max_new_tokens=6",
     "pipeline.rejection.sampling.min_language_consistency=0.0",
     "pipeline.rejection_sft.batch_size=8", "pipeline.rejection_sft.epochs=1",
     "pipeline.all_scenario_rl.general_steps=1",  # its one step with general prompts and the reward model
     "pipeline.all_scenario_rl.reward_model.steps=1", "pipeline.all_scenario_rl.reward_model.pairs=8",
     "pipeline.all_scenario_rl.reward_model.batch_size=2", "pipeline.distill.epochs=1", "pipeline.distill.batch_size=8",
-    "pipeline.eval.size=2", "pipeline.eval.sampling.k=2", "pipeline.eval.sampling.pass_k=[1,2]",
+    "pipeline.eval.size=2", "pipeline.eval.sampling.n=2", "pipeline.eval.sampling.pass_k=[1,2]",
     "pipeline.eval.sampling.max_new_tokens=6",
 ]
 
@@ -178,7 +178,7 @@ def test_whole_pipeline_end_to_end_and_resume(tmp_path, capsys):
 
     # r1mega-eval on a stage's checkpoint writes its tables
     result = subprocess.run([sys.executable, "-m", "r1mega.cli.eval", f"model_path={dirs['cold_start'] / 'model'}",
-                             "size=2", "sampling.k=2", "sampling.pass_k=[1,2]", "sampling.max_new_tokens=6",
+                             "size=2", "sampling.n=2", "sampling.pass_k=[1,2]", "sampling.max_new_tokens=6",
                              f"out_dir={tmp_path / 'eval'}"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())["results"]["arithmetic"]

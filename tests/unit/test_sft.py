@@ -94,7 +94,7 @@ def test_rejection_sample_keeps_correct_rows_with_provenance(tokenizer, memorise
     rows = [{"question": "Compute 4 + 4", "prompt": template("Compute 4 + 4"), "answer": "8"},
             {"question": "Compute 4 + 5", "prompt": template("Compute 4 + 5"), "answer": "1000"}]
     engine = NativeEngine(model, tokenizer, max_slots=8, max_len=256)
-    settings = RejectionSettings(k=3, temperature=0.3, max_new_tokens=40, max_per_prompt=3)
+    settings = RejectionSettings(n=3, temperature=0.3, max_new_tokens=40, max_per_prompt=3)
     with ScoringPool({"math_accuracy": 1.0, "format_r1_zero": 1.0}) as scorer:
         kept, stats = rejection_sample(engine, tokenizer, rows, scorer, settings, source="ckpt/x")
     # the memorised, correct response is kept once (its copies are duplicates); the wrong prompt: nothing
