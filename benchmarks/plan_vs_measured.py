@@ -42,7 +42,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 
 # The multi-process layouts (ParallelDims keywords at world size 2), as tests/distributed/test_plan_shards.py.
-LAYOUTS = {"tp2": {"tp": 2}, "ep2": {"dp_shard": 2, "ep": 2}, "fsdp2": {"dp_shard": 2}}
+LAYOUTS = {"tp2": {"tp": 2}, "ep2": {"dp_shard": 2, "ep": 2}, "fsdp2": {"dp_shard": 2}, "pp2": {"pp": 2}}
 WORLD = 2
 
 

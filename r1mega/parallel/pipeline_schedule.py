@@ -90,6 +90,16 @@ def rank_orders(pp: int, per_rank: int, n_micro: int, backward: bool = True) -> 
     return [[tick[r] for tick in ticks if tick[r] is not None] for r in range(pp)]
 
 
+def most_in_flight(pp: int, per_rank: int, n_micro: int, rank: int) -> int:
+    """The most forwards (of one stage and one micro-batch each) pp rank `rank` holds at once waiting for
+    their backward: how many micro-batches' activations of a stage its memory must keep."""
+    held = most = 0
+    for kind, _, _ in rank_orders(pp, per_rank, n_micro)[rank]:
+        held += 1 if kind == "F" else -1
+        most = max(most, held)
+    return most
+
+
 # a micro-batch's head on the last stage: (final-normed hidden [1, T, H], output weight [V, H]) ->
 # (the loss to differentiate, or None without backward; what the caller gets back)
 Head = Callable[[torch.Tensor, torch.Tensor], tuple[Optional[torch.Tensor], object]]

@@ -133,13 +133,14 @@ class TrainingActivations:
 
 def training_activations(c: ModelConfig, layers: list[int], mode: str, tokens: int, response_rows: int, *,
                          tp: int = 1, ep: int = 1, last_stage: bool = True, device: str = "cuda",
-                         imbalance: float = 1.0) -> TrainingActivations:
+                         imbalance: float = 1.0, in_flight: float = 1.0) -> TrainingActivations:
     """Peak activation bytes of one micro-batch of `tokens` stored tokens whose `response_rows` rows
-    (samples x longest response) the loss reads, over this rank's `layers`."""
+    (samples x longest response) the loss reads, over this rank's `layers`, their kept activations
+    `in_flight` times (a pipeline rank's forwards waiting for their backward, plan/memory.py)."""
     kept, transient, largest = 0.0, 0.0, "none"
     for i in layers:
         a = layer_activations(c, i, mode, tp=tp, ep=ep, imbalance=imbalance)
-        kept += a.kept * tokens
+        kept += a.kept * tokens * in_flight
         if a.transient * tokens > transient:
             transient, largest = a.transient * tokens, f"layer {i} backward"
     if last_stage:

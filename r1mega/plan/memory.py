@@ -17,7 +17,10 @@ Terms, and where each comes from:
   backward), the last block (kept gathered for the backward), and three times the largest other
   unit (the one computing, the one prefetched, and its unsharded gradients before reduce-scatter).
 - activations: activations.py, at the micro-batch's tokens (workload.micro_batch_tokens: the token
-  budget, at most the rank's share of a mini-batch, at least one whole longest sequence).
+  budget, at most the rank's share of a mini-batch, at least one whole longest sequence). Under
+  pipeline parallelism a rank keeps the activations of every forward still waiting for its backward:
+  the most the schedule holds at once (pipeline_schedule.most_in_flight, pp - r micro-batches on pp
+  rank r for 1F1B), each of one of its stages (1/stages-per-rank of its layers, as stages split evenly).
 - weight-sync bucket: gathered_state_dict holds one bucket of full tensors (rollout.sglang.bucket_bytes,
   or one tensor when it is larger) plus that largest tensor's gather buffer.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from r1mega.models.kv_cache import KVCache
+from r1mega.parallel.pipeline_schedule import most_in_flight
 from r1mega.plan import activations
 from r1mega.plan.shards import RankShards, ParamCounts
 from r1mega.plan.workload import Workload
@@ -85,6 +89,14 @@ def largest_tensor_bytes(w: Workload) -> int:
     return 4 * max(mats)
 
 
+def pipeline_in_flight(w: Workload, shards: RankShards) -> float:
+    """Micro-batches' worth of this rank's layer activations kept at once (module docstring); 1 without pp."""
+    if w.dims.pp == 1:
+        return 1.0
+    most = most_in_flight(w.dims.pp, w.pp_stages_per_rank, w.micro_batches_per_step, shards.coords.get("pp", 0))
+    return most / w.pp_stages_per_rank
+
+
 def memory_table(w: Workload, shards: RankShards, counts: ParamCounts, hbm_bytes: int, device: str = "cuda",
                  imbalance: float = 1.0) -> MemoryTable:
     d = w.dims
@@ -108,7 +120,7 @@ def memory_table(w: Workload, shards: RankShards, counts: ParamCounts, hbm_bytes
     tp, ep = d.tp, d.ep
     train = activations.training_activations(w.model, shards.layers, w.checkpointing, w.micro_tokens,
                                              w.micro_tokens, tp=tp, ep=ep, last_stage=shards.last_stage,
-                                             device=device, imbalance=imbalance)
+                                             device=device, imbalance=imbalance, in_flight=pipeline_in_flight(w, shards))
     table.add(f"activations ({w.checkpointing}, {w.micro_tokens} tokens)", train.peak, ("training",))
     table.add("no-grad forward", activations.inference_activations(w.model, w.micro_tokens, tp=tp, device=device),
               ("logprobs",))

@@ -17,7 +17,8 @@ elementwise work (counted as none). The fused loss runs 4 GEMMs of 2 N H V (line
   all-reduces [N, H] twice per layer forward and twice backward; expert parallel sends the k copies
   of every token's hidden state to its experts and back in the forward and again in the backward
   (4 all-to-alls of N k H floats, (ep - 1)/ep of it leaving the rank); pipeline parallel idles for
-  the bubble, (pp - 1) / (m + pp - 1) of the step with m micro-batches (1F1B).
+  the bubble: the step takes 1 + (pp - 1) / (v m) times its compute with m micro-batches per
+  optimizer step and v stages per rank (1F1B: v = 1; Narayanan et al. 2021 for interleaved).
 - weight sync: every rank gathers the full float32 weights (all-gather over the model's meshes)
   and copies them into the engine at HBM speed.
 
@@ -122,10 +123,9 @@ def phase_times(w: Workload, shards: RankShards, counts: ParamCounts, cluster: C
     compute_s = train_flops / flops_rate
     note = f"a2a {ep_bytes / 1e9:.1f} GB" if d.ep > 1 else ""
     if d.pp > 1:
-        m = w.pp_microbatches or d.pp
-        bubble = (d.pp - 1) / (m + d.pp - 1)
-        compute_s /= (1 - bubble)
-        note += f"; pp bubble {bubble:.0%}"
+        stretch = (d.pp - 1) / (w.pp_stages_per_rank * w.micro_batches_per_step)
+        compute_s *= 1 + stretch
+        note += f"; pp bubble {stretch / (1 + stretch):.0%}"
     out.append(PhaseTime("training", train_flops, compute_s, fsdp_bytes + tp_bytes + ep_bytes, comm_s,
                          note.strip("; ")))
 

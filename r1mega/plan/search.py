@@ -1,14 +1,15 @@
 """`--search`: the layouts that fit the cluster, ranked by estimated rollout time.
 
 The space: tp over the divisors of gpus_per_node that the model's heads and inner sizes allow (tensor
-parallel stays inside a node); ep = tp x a divisor of dp_shard that divides the routed experts (MoE
-only); dp_replicate 1 or the node count (HSDP: shard inside a node, replicate across); pp 1 (the GRPO
-trainer refuses more); every checkpointing mode; micro-batch budgets of the configured token budget
-and 2x, 4x (never below one whole longest sequence). Shards are read once per (tp, ep, dp) layout and
-reused for the modes and budgets, which do not change them.
+parallel stays inside a node); pp over the powers of two up to 16 that divide the rest of the world and
+leave every stage a layer (1F1B); ep = tp x a divisor of dp_shard that divides the routed experts (MoE
+only); dp_replicate 1 or the node count (HSDP: shard inside a node, replicate across); every
+checkpointing mode; micro-batch budgets of the configured token budget and 2x, 4x (never below one
+whole longest sequence). Shards are read once per (tp, ep, pp, dp) layout and reused for the modes and
+budgets, which do not change them.
 
-Deliberately left out: pp > 1 and cp > 1 (the trainer runs neither), and layouts that split a node's
-GPUs between tp groups of different sizes.
+Deliberately left out: interleaved pipeline schedules, cp > 1 (the trainer runs no context
+parallelism), and layouts that split a node's GPUs between tp groups of different sizes.
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ def _tp_ok(w: Workload, tp: int) -> bool:
 def layouts(w: Workload, cluster: ClusterConfig) -> list[ParallelDims]:
     world, out = cluster.world, []
     replicas = sorted({1, cluster.nodes})
+    stages = [p for p in (1, 2, 4, 8, 16) if p <= w.model.num_hidden_layers]
     for tp in (t for t in _divisors(cluster.gpus_per_node) if _tp_ok(w, t)):
-        for rep in (r for r in replicas if world % (r * tp) == 0):
-            dp_shard = world // (rep * tp)
-            eps = [1]
-            if w.model.n_routed_experts:
-                eps += [tp * m for m in _divisors(dp_shard)
-                        if tp * m > 1 and w.model.n_routed_experts % (tp * m) == 0]
-            for ep in sorted(set(eps)):
-                out.append(ParallelDims(world, dp_replicate=rep, dp_shard=dp_shard, tp=tp, ep=ep))
+        for pp in (p for p in stages if world % (p * tp) == 0):
+            for rep in (r for r in replicas if world % (r * tp * pp) == 0):
+                dp_shard = world // (rep * tp * pp)
+                eps = [1]
+                if w.model.n_routed_experts:
+                    eps += [tp * m for m in _divisors(dp_shard)
+                            if tp * m > 1 and w.model.n_routed_experts % (tp * m) == 0]
+                for ep in sorted(set(eps)):
+                    out.append(ParallelDims(world, dp_replicate=rep, dp_shard=dp_shard, tp=tp, ep=ep, pp=pp))
     return out
 
 
@@ -59,6 +62,6 @@ def search(w: Workload, cluster: ClusterConfig, *, imbalance: float = 1.0) -> li
         for mode in ("none", "selective", "full"):
             for budget in budgets:
                 cand = dataclasses.replace(w, dims=dims, checkpointing=mode, micro_tokens=budget,
-                                           sequences_per_rank=sequences)
+                                           sequences_per_rank=sequences, pp_stages_per_rank=1)
                 plans.append(make_plan(cand, cluster, imbalance=imbalance, shard_cache=cache))
     return sorted(plans, key=lambda p: (not p.fits, p.step_seconds))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from r1mega.models.config import ModelConfig, preset
 from r1mega.parallel.dims import ParallelDims
+from r1mega.parallel.pipeline import schedule_settings
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Workload:
     sglang_dtype_bytes: int
     sglang_mem_fraction: float
     bucket_bytes: int
-    pp_microbatches: int
+    pp_stages_per_rank: int  # pipeline stages each pp rank holds (1: 1F1B; more: interleaved 1F1B)
 
     @property
     def longest_sequence(self) -> int:
@@ -100,4 +101,4 @@ def workload(cfg, world: int, plan) -> Workload:
         kv_cache_bytes=rollout.kv_cache_bytes, sglang_tp=rollout.sglang.tp_size,
         sglang_dtype_bytes=2 if rollout.sglang.dtype in ("bfloat16", "float16") else 4,
         sglang_mem_fraction=rollout.sglang.mem_fraction_static, bucket_bytes=rollout.sglang.bucket_bytes,
-        pp_microbatches=getattr(parallel, "pp_microbatches", 0) or 0)
+        pp_stages_per_rank=schedule_settings(parallel, dims.pp)[1])

@@ -21,7 +21,7 @@ from r1mega.models import Transformer, preset
 from r1mega.models.attention import Segments
 from r1mega.parallel import ParallelDims
 from r1mega.parallel.pipeline import pipeline_parallelize, stage_layers
-from r1mega.parallel.pipeline_schedule import rank_orders
+from r1mega.parallel.pipeline_schedule import most_in_flight, rank_orders
 from r1mega.trainers.sft import train_sft
 
 VOCAB = 64
@@ -119,6 +119,17 @@ def test_schedule_orders():
             for s in stages:  # each stage: every forward, then backwards in micro-batch order
                 assert [m for kind, t, m in order if kind == "B" and t == s] == list(range(n))
                 assert sorted(m for kind, t, m in order if kind == "F" and t == s) == list(range(n))
+
+
+def test_activations_held_in_flight():
+    # 1F1B (Narayanan et al. 2021): rank r warms up with pp - r - 1 forwards, then holds one more until its
+    # first backward, so pp - r micro-batches' activations at once, or every micro-batch when there are fewer
+    for pp in (2, 3, 4):
+        for n in (1, 2, 3, 8):
+            assert [most_in_flight(pp, 1, n, r) for r in range(pp)] == [min(pp - r, n) for r in range(pp)]
+    # interleaved, pp=2 x 2 stages, 4 micro-batches: rank 0 runs F(s0: m0, m1) F(s2: m0, m1) F(s0: m2) before
+    # its first backward, the last rank one forward fewer (Megatron's warm-up 2 (pp - r - 1) + (v - 1) pp)
+    assert [most_in_flight(2, 2, 4, r) for r in range(2)] == [5, 3]
 
 
 ONE_F_ONE_B = SimpleNamespace(pp_schedule="1f1b", activation_checkpointing="none")

@@ -14,7 +14,7 @@ from plan_vs_measured import WORLD, measured_ranks, predicted_peak  # noqa: E402
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("layout", ["tp2", "ep2", "fsdp2"])
+@pytest.mark.parametrize("layout", ["tp2", "ep2", "fsdp2", "pp2"])
 def test_every_ranks_peak_within_15_percent(layout):
     args = SimpleNamespace(token_budget=2048, samples=32, prompt=8, response=120, modes=["none", "full"])
     measured = measured_ranks(layout, args)
