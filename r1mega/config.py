@@ -13,7 +13,24 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from r1mega.rollout.engine import SamplingParams
+
+@dataclass
+class SamplingParams:
+    """How to sample, the one type for it: what a rollout engine is asked (r1mega/rollout/engine.py),
+    and, as a Hydra node, the settings of every stage that samples: held-out evaluation, rejection
+    sampling, the trainer's evaluation (eval/run.py, pipeline/rejection.py, TrainConfig.eval_sampling)."""
+
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
+    max_new_tokens: int = 256
+    stop_token_ids: list[int] = field(default_factory=list)  # generation ends on any; the token is kept in token_ids
+    stop: list[str] = field(default_factory=list)  # stop strings; the text ends right after the first one (included)
+    n: int = 1  # samples per prompt
+    # Sample j of a prompt draws from a generator seeded by (seed, prompt ids, j): the same seed, prompt
+    # and j give the same tokens whatever else is in the batch (so a prompt listed twice gets the same
+    # samples twice). None: a seed drawn from torch's default generator.
+    seed: Optional[int] = None
 
 
 @dataclass
