@@ -38,7 +38,7 @@ _HF_CONSUMED = {
     "rope_theta", "rope_scaling", "rope_parameters", "num_experts", "hidden_act", "use_sliding_window",
     "sliding_window", "max_window_layers", "qk_head_dim", "topk_method", "mlp_bias", "partial_rotary_factor",
     "use_cache", "output_router_logits", "auto_map", "num_local_experts", "scoring_func", "router_aux_loss_coef",
-    "attention_dropout", "layer_types",
+    "attention_dropout", "layer_types", "moe_layer_freq",
 }
 
 
@@ -214,6 +214,9 @@ class ModelConfig:
                 raise ConfigError("config.json: attention_bias=true is not supported for DeepseekV3ForCausalLM")
             if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
                 raise ConfigError("config.json: DeepSeek-V3 needs scoring_func='sigmoid' and topk_method='noaux_tc'")
+            if hf.get("moe_layer_freq", 1) != 1:
+                raise ConfigError(f"config.json: moe_layer_freq={hf['moe_layer_freq']!r} is not supported: DeepSeek-V3's "
+                                  "experts sit on every layer after first_k_dense_replace (moe_layer_freq=1)")
             kw["head_dim"] = None  # HF sets it to qk_rope_head_dim; MLA derives its own dims
             kw["scoring_func"] = "sigmoid"
         elif arch == "Qwen2ForCausalLM":
@@ -248,7 +251,7 @@ class ModelConfig:
                       num_experts_per_tok=self.num_experts_per_tok, moe_intermediate_size=self.moe_intermediate_size,
                       n_group=self.n_group, topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
                       norm_topk_prob=self.norm_topk_prob, first_k_dense_replace=self.first_k_dense_replace,
-                      scoring_func="sigmoid", topk_method="noaux_tc",
+                      scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1,  # SGLang reads it
                       num_nextn_predict_layers=self.num_nextn_predict_layers)
             return hf
         hf["head_dim"] = self.head_dim

@@ -7,7 +7,9 @@ this file holds what does not depend on which (request and response handling: sg
 
 - generate: one SGLang request per sample, all in one batch; prompts failing validation get error
   samples without being sent, and if SGLang refuses the batch, each request is retried alone so only
-  the bad ones become error samples. `Sample.logprobs` means what it means for the native engine.
+  the bad ones become error samples. `Sample.logprobs` means what it means for the native engine
+  (so `from_policy` refuses to start SGLang with SGLANG_RETURN_ORIGINAL_LOGPROB set, and requests at a
+  temperature in (0, 1e-6), which SGLang decodes greedily, become error samples).
   Seeds: SGLang honours a per-request `sampling_seed` only with `--enable-deterministic-inference`;
   `deterministic=True` sends one per sample (mixed from SamplingParams.seed, the prompt and the sample
   index, as the native engine mixes it; the tokens still differ from the native engine's).
@@ -38,6 +40,7 @@ Deliberately left out: engines spread over several nodes, Ray, prompt logprobs, 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import threading
@@ -55,6 +58,7 @@ from r1mega.rollout.weight_sync import DEFAULT_BUCKET_BYTES
 WEIGHTS, KV_CACHE, CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"  # SGLang's memory tags
 ALL_TAGS = (WEIGHTS, KV_CACHE, CUDA_GRAPH)
 _FP32_NAMES = ("e_score_correction_bias",)  # kept in fp32 by SGLang's DeepSeek router
+RAW_LOGPROBS = "SGLANG_RETURN_ORIGINAL_LOGPROB"  # SGLang's switch to logprobs of the unscaled logits
 
 
 def _concurrently(side: Callable[[], None], main: Callable[[], None], timeout_s: float) -> None:
@@ -124,6 +128,9 @@ class SGLangEngine:
         from r1mega.models.hf import save
         from r1mega.rollout.sglang_engine import InProcessBackend, require_sglang
 
+        if os.environ.get(RAW_LOGPROBS, "false").lower() in ("true", "1"):  # SGLang's reading of the flag
+            raise ValueError(f"{RAW_LOGPROBS} is set: SGLang would report logprobs before the temperature, "
+                             "which the trainer's importance ratios do not expect; unset it")
         require_sglang()  # fail before writing the checkpoint
         workdir = Path(tempfile.mkdtemp(prefix="r1mega-sglang-"))
         try:

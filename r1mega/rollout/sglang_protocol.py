@@ -12,7 +12,9 @@
 - Responses: `parse_output` reads `meta_info["output_token_logprobs"]`, a list of
   (logprob, token_id, text-or-None): SGLang's default logprob is log softmax(logits / temperature)
   before top-k / top-p, and log softmax(logits) for greedy requests, the meaning of
-  `Sample.logprobs` (engine.py), as long as the server does not set SGLANG_RETURN_ORIGINAL_LOGPROB.
+  `Sample.logprobs` (engine.py), as long as the server does not set SGLANG_RETURN_ORIGINAL_LOGPROB
+  (the in-process engine refuses to start with it). SGLang also decodes a temperature in (0, 1e-6)
+  greedily, with temperature-1 logprobs: such requests are refused here.
   Finish reasons: {"type": "stop" | "length" | "abort", ...}; SGLang checks the length before the
   stop conditions, so a stop token drawn as the last allowed token reads "length" there and "stop"
   here (as in the native engine). Text follows the native engine exactly (stop.py's `finalize`)
@@ -48,9 +50,15 @@ from r1mega.rollout.weight_sync import peek_naming, unit_buckets
 
 
 # ---- requests
+GREEDY_BELOW = 1e-6  # SGLang samples a lower temperature greedily (top_k 1) and reports log softmax(logits)
+
+
 def sglang_sampling(p: SamplingParams, seed: Optional[int] = None) -> dict[str, Any]:
     """SGLang's sampling_params for one sample of `p` (n is always 1, see module docstring)."""
     stop_ids, stop = validate_stop(p.stop_token_ids, p.stop)
+    if 0 < p.temperature < GREEDY_BELOW:  # the native engine samples it, reporting log softmax(logits / t)
+        raise ValueError(f"temperature={p.temperature} is below SGLang's {GREEDY_BELOW}, which it decodes greedily "
+                         "with temperature-1 logprobs, unlike the native engine: use 0 for greedy")
     params = {"temperature": float(p.temperature), "top_p": float(p.top_p), "top_k": p.top_k if p.top_k > 0 else -1,
               "max_new_tokens": p.max_new_tokens, "stop_token_ids": sorted(stop_ids), "stop": list(stop),
               "ignore_eos": not stop_ids, "no_stop_trim": True, "skip_special_tokens": False, "n": 1}

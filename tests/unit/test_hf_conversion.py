@@ -219,5 +219,7 @@ def test_hub_config_matches_preset_and_bad_configs_are_named():
         ModelConfig.from_hf({**DEEPSEEK_V3_HUB, "topk_group": 9})
     with pytest.raises(ConfigError, match="hidden_act"):
         ModelConfig.from_hf({**DEEPSEEK_V3_HUB, "hidden_act": "gelu"})
+    with pytest.raises(ConfigError, match="moe_layer_freq=2"):
+        ModelConfig.from_hf({**DEEPSEEK_V3_HUB, "moe_layer_freq": 2})
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         ModelConfig(architecture="LlamaForCausalLM", num_attention_heads=4, num_key_value_heads=3)

@@ -4,9 +4,10 @@ the HTTP mode end to end against a fake SGLang server on 127.0.0.1.
 The fake server implements SGLang's native endpoints as SGLang 0.5.23's source reads (engine.py,
 http_server.py, schedule_batch.py's finish checks: length before stop tokens, `ignore_eos` also
 disabling `stop_token_ids`; the tokenizer manager's context check, prompt >= context or prompt +
-max_new_tokens > context refused; SamplingParams.verify's ranges; the scheduler's SafeUnpickler
-allow-list; flush_cache and release_memory_occupation only on an idle scheduler, a flush with a
-timeout waiting for it). What runs against SGLang's own code is test_rollout_sglang_real.py; a real
+max_new_tokens > context refused; SamplingParams' normalisation and `verify`, as tests/sglang_rules.py
+writes them; logprobs of the temperature-scaled logits, temperature 1 when greedy; the scheduler's
+SafeUnpickler allow-list; flush_cache and release_memory_occupation only on an idle scheduler, a flush
+with a timeout waiting for it). What runs against SGLang's own code is test_rollout_sglang_real.py; a real
 engine is the GPU test at the end (skipped here) and benchmarks/sglang_engine.py.
 """
 
@@ -16,6 +17,7 @@ import base64
 import datetime
 import io
 import json
+import math
 import pickle
 import socket
 import threading
@@ -36,6 +38,7 @@ from r1mega.rollout.sglang import SGLangEngine
 from r1mega.rollout.sglang_http import HTTPBackend
 from r1mega.rollout.sglang_protocol import (FlatMeta, SGLangError, bucket_payloads, expand, flat_buckets, flatten,
                                             parse_output, sglang_sampling, to_hf, unflatten)
+from sglang_rules import sglang_sampling_rules
 from tiny_models import make_hf_dir
 
 CHARS = "abcdefghijklmnopqrstuvwxyz .!"  # a character tokenizer; "!" is the EOS
@@ -78,21 +81,27 @@ def deserialize(text: str):
     return AllowListUnpickler(io.BytesIO(base64.b64decode(text))).load()
 
 
-def verify_sampling(sp) -> None:
-    """SGLang's SamplingParams.verify ranges for the fields the adapter sends."""
-    assert isinstance(sp["temperature"], float) and sp["temperature"] >= 0
-    assert 0 < sp["top_p"] <= 1 and (sp["top_k"] == -1 or sp["top_k"] >= 1)
-    assert isinstance(sp.get("sampling_seed", 0), int)
+PEAK = 2.0  # the fake model's logit for its next token (every other token's is 0)
 
 
 # ---- the fake SGLang server
-def fake_generate(input_ids, sp, abort):
-    """Token k of a generation is (last prompt token + k + 1) mod V with logprob -(k + 1) / 10."""
+def fake_logits(last_token: int) -> torch.Tensor:
+    """The fake model: after token t, logit PEAK on (t + 1) mod V and 0 elsewhere."""
+    logits = torch.zeros(len(CHARS), dtype=torch.float64)
+    logits[(last_token + 1) % len(CHARS)] = PEAK
+    return logits
+
+
+def fake_generate(input_ids, sp, temperature, abort):
+    """Token k of a generation is (last prompt token + k + 1) mod V, the fake model's mode, whatever the
+    temperature; its logprob is SGLang's: log softmax(logits / temperature) (temperature 1 when greedy
+    or when the server sets SGLANG_RETURN_ORIGINAL_LOGPROB)."""
     out, lps, finish = [], [], None
     while finish is None:
-        token = (input_ids[-1] + len(out) + 1) % len(CHARS)
+        logits = fake_logits((input_ids + out)[-1])
+        token = int(logits.argmax())
         out.append(token)
-        lps.append([-(len(out)) / 10, token, None])
+        lps.append([float(torch.log_softmax(logits / temperature, -1)[token]), token, None])
         if abort:
             finish = {"type": "abort", "message": "Abort requested"}
         elif len(out) >= sp["max_new_tokens"]:
@@ -103,6 +112,12 @@ def fake_generate(input_ids, sp, abort):
             finish = {"type": "stop", "matched": next(s for s in sp["stop"] if s in TOK.decode(out))}
     return {"text": TOK.decode(out), "output_ids": out,
             "meta_info": {"finish_reason": finish, "output_token_logprobs": lps, "completion_tokens": len(out)}}
+
+
+def fake_logprob(last_token: int, temperature: float) -> float:
+    """What the fake server reports for the token after `last_token`, in closed form."""
+    scaled = PEAK / temperature
+    return scaled - math.log(len(CHARS) - 1 + math.exp(scaled))
 
 
 class FakeSGLang(BaseHTTPRequestHandler):
@@ -125,14 +140,17 @@ class FakeSGLang(BaseHTTPRequestHandler):
         state["calls"].append((path, body.get("tags") or body.get("names")))
         if path == "/generate":
             assert body["return_logprob"] is True
-            for sp in body["sampling_params"]:
-                verify_sampling(sp)
+            try:  # the tokenizer manager refuses the whole batch for one bad request
+                rules = [sglang_sampling_rules(sp) for sp in body["sampling_params"]]
+            except ValueError as e:
+                return self.reply(400, {"error": {"message": str(e)}})
             if any(len(ids) >= CONTEXT or len(ids) + sp["max_new_tokens"] > CONTEXT
                    for ids, sp in zip(body["input_ids"], body["sampling_params"])):
                 return self.reply(400, {"error": {"message": f"input is longer than the context ({CONTEXT})"}})
             state["generated"] += [(ids, sp) for ids, sp in zip(body["input_ids"], body["sampling_params"])]
-            return self.reply(200, [fake_generate(ids, sp, state["abort"])
-                                    for ids, sp in zip(body["input_ids"], body["sampling_params"])])
+            return self.reply(200, [fake_generate(ids, sp, 1.0 if state["original_logprob"] else r["temperature"],
+                                                  state["abort"])
+                                    for ids, sp, r in zip(body["input_ids"], body["sampling_params"], rules)])
         if path == "/update_weights_from_tensor":
             assert body["load_format"] == "flattened_bucket" and body["flush_cache"] is False
             assert len(body["serialized_named_tensors"]) == state["tp_size"]
@@ -172,7 +190,7 @@ class FakeSGLang(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
     httpd.state = {"calls": [], "generated": [], "weights": {}, "abort": False, "tp_size": 2, "draining": 0,
-                   "bucket_names": []}
+                   "bucket_names": [], "original_logprob": False}
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield httpd
@@ -307,8 +325,8 @@ def test_http_generate_serves_every_sample_and_isolates_bad_requests(server):
     groups = engine.generate(prompts, params)
     assert [len(g) for g in groups] == [2, 2, 2, 1 * 2]
     first = groups[0][0]  # after token 1: 2, 3, 4, 5
-    assert (first.token_ids, first.logprobs, first.text, first.finish_reason) == (
-        [2, 3, 4, 5], [-0.1, -0.2, -0.3, -0.4], "cdef", "length")
+    assert (first.token_ids, first.text, first.finish_reason) == ([2, 3, 4, 5], "cdef", "length")
+    assert first.logprobs == pytest.approx([fake_logprob(t, 1.0) for t in [1, 2, 3, 4]], rel=1e-12)
     assert groups[1][1].text == "opq" and groups[1][1].finish_reason == "stop"  # "n" -> o, p, q: stop string
     assert all(s.finish_reason == "error" and "context" in s.error for s in groups[2])  # refused by the server
     assert all(s.finish_reason == "error" and "empty" in s.error for s in groups[3])  # never sent
@@ -320,6 +338,31 @@ def test_http_generate_stops_at_the_last_allowed_stop_token_like_native(server):
     engine = http_engine(server)
     [[s]] = engine.generate([[CHARS.index("y")]], SamplingParams(max_new_tokens=4, stop_token_ids=[EOS]))
     assert s.token_ids == [25, 26, 27, 28] and s.finish_reason == "stop" and s.text == "z ."  # EOS dropped
+
+
+@pytest.mark.parametrize("temperature, scaled_by", [(0.5, 0.5), (1.0, 1.0), (1.7, 1.7), (0.0, 1.0)])
+def test_http_logprobs_keep_sglangs_meaning_the_native_one(server, temperature, scaled_by):
+    engine = http_engine(server)
+    [[s]] = engine.generate([[1]], SamplingParams(temperature=temperature, max_new_tokens=3))
+    assert s.token_ids == [2, 3, 4]
+    assert s.logprobs == pytest.approx([fake_logprob(t, scaled_by) for t in [1, 2, 3]], rel=1e-12)
+
+
+def test_temperatures_sglang_would_decode_greedily_are_refused_before_sending(server):
+    engine = http_engine(server)
+    [[tiny], [zero]] = engine.generate([[1], [1]], [SamplingParams(temperature=1e-7, max_new_tokens=2),
+                                                    SamplingParams(temperature=0.0, max_new_tokens=2)])
+    assert tiny.finish_reason == "error" and "use 0 for greedy" in tiny.error
+    assert zero.token_ids == [2, 3] and len(server.state["generated"]) == 1
+
+
+def test_an_in_process_engine_refuses_sglangs_raw_logprob_switch(monkeypatch):
+    from r1mega.models import Transformer
+    from r1mega.models.config import tiny_qwen2
+
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "True")
+    with pytest.raises(ValueError, match="SGLANG_RETURN_ORIGINAL_LOGPROB is set"):
+        SGLangEngine.from_policy(Transformer(tiny_qwen2(vocab_size=len(CHARS))), TOK)
 
 
 def test_http_abort_turns_running_samples_into_errors(server):

@@ -1,34 +1,35 @@
 """The SGLang adapter against SGLang's own code, on the CPU (install: python tools/install_sglang_cpu.py).
 
 Run here: SGLang's request classes (io_struct's GenerateReqInput, its SamplingParams with `verify`)
-built from the adapter's payloads; its serialiser after `ipc_serializer()` and its `SafeUnpickler`
-reading the buckets the adapter sends; its `FlattenedTensorBucket` reconstruction; and its DeepSeek
-weight loader (`DeepseekV2WeightLoaderMixin.do_load_weights`, the code behind
-`update_weights_from_tensor`) fed bucket by bucket at every bucket size.
+built from the adapter's payloads, and the fake server's sampling rules against SGLang's; its serialiser after `ipc_serializer()` and its `SafeUnpickler`
+reading the buckets the adapter sends; its `FlattenedTensorBucket` reconstruction; and SGLang's own
+DeepseekV2ForCausalLM and Qwen2ForCausalLM, built from the config.json the engine's launch writes, in
+SGLang's one-process tensor-parallel world, loading every update through its ModelRunner's
+flattened-bucket path (the code behind `update_weights_from_tensor`) at every bucket size.
 
-The loader runs on a stand-in module holding only the parameters it writes for the attention's
-fused projection and plain parameters (SGLang's real DeepseekV2ForCausalLM needs its distributed
-state and sgl-kernel to be built); its `post_load_weights` (kv_b_proj's split into w_kc / w_vc) is
-a no-op there. Not run here: SGLang's Engine (on CPU it needs sgl-kernel's CPU ops, which PyPI does
-not carry: see README), Qwen2's loader (its QKV/gate-up layers need SGLang's tensor-parallel state).
+Not run here: SGLang's Engine and any forward pass (on the CPU they need sgl-kernel's CPU ops, which
+PyPI does not carry: see README).
 """
 
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
 import torch
-import torch.nn as nn
 
+from r1mega.models.config import tiny_deepseek_v3, tiny_qwen2
+from r1mega.models.hf import save
+from r1mega.models.transformer import Transformer
 from r1mega.rollout.engine import SamplingParams
-from r1mega.rollout.sglang_protocol import (FlatMeta, bucket_payloads, expand, flat_buckets, flatten,
-                                            sglang_sampling)
+from r1mega.rollout.sglang import SGLangEngine
+from r1mega.rollout.sglang_protocol import (GREEDY_BELOW, FlatMeta, bucket_payloads, expand, flat_buckets, flatten,
+                                            sglang_sampling, to_hf)
 from sglang_cpu import SKIP_REASON
+from sglang_rules import sglang_sampling_rules
 
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
-
-LAYERS, HIDDEN, Q_LORA, KV_A = 3, 4, 8, 6  # kv_a_proj_with_mqa rows: kv_lora_rank + qk_rope_head_dim
 
 
 @pytest.fixture
@@ -82,6 +83,36 @@ def test_requests_are_accepted_by_sglangs_request_and_sampling_classes():
     off.verify(vocab_size=32)  # top_k 0 (off) is sent as SGLang's -1
 
 
+SAMPLING_GRID = [dict(temperature=t) for t in (None, 0.0, 5e-7, 1e-6, 0.6, 1.0, -0.1, float("inf"), float("nan"))] + \
+    [dict(top_p=p) for p in (None, 0.0, 0.3, 1.0, 1.2)] + [dict(top_k=k) for k in (None, -2, -1, 0, 1, 7)] + \
+    [dict(sampling_seed=x) for x in (None, 0, -2**63, 2**63 - 1, 2**63, 1.5)] + \
+    [dict(max_new_tokens=m) for m in (-1, 0, 5)] + [dict(temperature=0.0, top_k=9)]
+
+
+@pytest.mark.parametrize("fields", SAMPLING_GRID, ids=repr)
+def test_the_fake_servers_sampling_rules_are_sglangs(fields):
+    """The fake server (test_rollout_sglang.py) accepts, refuses and normalises as SGLang's SamplingParams."""
+    from sglang.srt.sampling.sampling_params import TOP_K_ALL
+    from sglang.srt.sampling.sampling_params import SamplingParams as SGLangSampling
+
+    try:
+        theirs = SGLangSampling(**fields)
+        theirs.verify(vocab_size=32)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=re.escape(str(e).split(",")[0])):
+            sglang_sampling_rules(fields)
+        return
+    ours = sglang_sampling_rules(fields)
+    assert ours == {"temperature": theirs.temperature, "top_p": theirs.top_p,
+                    "top_k": -1 if theirs.top_k == TOP_K_ALL else theirs.top_k, "sampling_seed": theirs.sampling_seed}
+
+
+def test_the_adapters_greedy_threshold_is_sglangs():
+    from sglang.srt.sampling.sampling_params import _SAMPLING_EPS
+
+    assert GREEDY_BELOW == _SAMPLING_EPS
+
+
 # ---- weights: serialiser, unpickler, flattened bucket
 def test_buckets_pass_sglangs_unpickler_and_rebuild_to_the_same_tensors(sglang_serializer):
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
@@ -103,100 +134,118 @@ def test_buckets_pass_sglangs_unpickler_and_rebuild_to_the_same_tensors(sglang_s
     sglang_deserialize(bucket_payloads(flat, metas, 1, serialize, types.SimpleNamespace)[0])
 
 
-# ---- weights: SGLang's DeepSeek loader
-def loader_stand_in():
-    """A module with the parameters SGLang's DeepSeek loader writes for these names, using its loader."""
-    import transformers
-    from sglang.srt.models.deepseek_common.deepseek_weight_loader import DeepseekV2WeightLoaderMixin
+# ---- weights: SGLang's own models and loaders
+@pytest.fixture(scope="module")
+def world():
+    from sglang_cpu import sglang_world
 
-    config = transformers.DeepseekV3Config(q_lora_rank=Q_LORA, kv_lora_rank=4, num_hidden_layers=LAYERS,
-                                           n_routed_experts=4, num_nextn_predict_layers=0)
-
-    class StandIn(nn.Module, DeepseekV2WeightLoaderMixin):
-        def __init__(self):
-            super().__init__()
-            self.config, self.quant_config, self.num_fused_shared_experts = config, None, 0
-            self.pp_group = types.SimpleNamespace(is_last_rank=True)
-            self.model = nn.Module()
-            self.model.start_layer, self.model.end_layer = 0, LAYERS
-            self.model.layers = nn.ModuleList()
-            for _ in range(LAYERS):
-                layer = nn.Module()
-                layer.self_attn = nn.Module()
-                layer.self_attn.fused_qkv_a_proj_with_mqa = nn.Linear(HIDDEN, Q_LORA + KV_A, bias=False)
-                layer.self_attn.q_a_layernorm = nn.LayerNorm(Q_LORA, bias=False)
-                self.model.layers.append(layer)
-            self.model.norm = nn.LayerNorm(HIDDEN, bias=False)
-            for p in self.parameters():
-                nn.init.zeros_(p)
-
-        def post_load_weights(self, **kwargs):  # kv_b_proj's split: no kv_b_proj here
-            pass
-
-    return StandIn()
+    with sglang_world():
+        yield
 
 
-def hf_attention_stream(generator):
-    """HF names in the order a checkpoint lists them: per layer q_a, its norm, then kv_a (never adjacent)."""
-    stream = []
-    for i in range(LAYERS):
-        prefix = f"model.layers.{i}.self_attn."
-        stream += [(prefix + "q_a_proj.weight", torch.randn(Q_LORA, HIDDEN, generator=generator)),
-                   (prefix + "q_a_layernorm.weight", torch.randn(Q_LORA, generator=generator)),
-                   (prefix + "kv_a_proj_with_mqa.weight", torch.randn(KV_A, HIDDEN, generator=generator))]
-    return stream + [("model.norm.weight", torch.randn(HIDDEN, generator=generator))]
+CONFIGS = {"deepseek_v3": tiny_deepseek_v3, "qwen2": tiny_qwen2}
 
 
-def expected_parameters(stream):
-    """What every stand-in parameter must hold after loading `stream` (the fusion written out by hand)."""
-    named = dict(stream)
-    expected = {"model.norm.weight": named["model.norm.weight"]}
-    for i in range(LAYERS):
-        prefix = f"model.layers.{i}.self_attn."
-        expected[prefix + "fused_qkv_a_proj_with_mqa.weight"] = torch.cat(
-            [named[prefix + "q_a_proj.weight"], named[prefix + "kv_a_proj_with_mqa.weight"]])
-        expected[prefix + "q_a_layernorm.weight"] = named[prefix + "q_a_layernorm.weight"]
-    return expected
+def checkpoint(variant, tmp_path):
+    """A native policy of the tiny preset (random weights) and SGLang's model built from the config.json
+    the SGLang engine's launch writes for it (`save`)."""
+    from sglang_cpu import sglang_model
+
+    torch.manual_seed(0)
+    policy = Transformer(CONFIGS[variant]())
+    save(policy, tmp_path / "model")
+    return policy, sglang_model(tmp_path / "model")
 
 
-def send(model, stream, bucket_bytes, serialize, metadata_cls):
-    """What update_weights + SGLang's update_weights_from_tensor do: one load_weights call per bucket."""
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+class SchedulerEnd:
+    """The scheduler's side of `update_weights_from_tensor(load_format="flattened_bucket")`, in SGLang's own
+    code: tp rank 0's payload through its SafeUnpickler, then its ModelRunner weight updater, which rebuilds
+    the bucket and calls the model's `load_weights` once per request."""
 
-    calls = 0
-    for bucket in flat_buckets(iter(stream), bucket_bytes):
-        data = sglang_deserialize(bucket_payloads(*flatten(bucket), 1, serialize, metadata_cls)[0])
-        model.do_load_weights(FlattenedTensorBucket(flattened_tensor=data["flattened_tensor"],
-                                                    metadata=data["metadata"]).reconstruct_tensors())
-        calls += 1
-    return calls
+    def __init__(self, model):
+        self.model, self.requests = model, 0
 
+    def update_weights_from_tensor(self, payloads, load_format):
+        from sglang.srt.model_executor.model_runner_components.weight_updater import WeightUpdater
 
-def test_sglangs_loader_leaves_the_fused_projection_stale_when_a_call_splits_the_pair():
-    stream = hf_attention_stream(torch.Generator().manual_seed(0))
-    model = loader_stand_in()
-    for pair in stream:  # one tensor per call: what plain size-only buckets of one tensor each would do
-        model.do_load_weights([pair])
-    fused = dict(model.named_parameters())["model.layers.0.self_attn.fused_qkv_a_proj_with_mqa.weight"]
-    assert torch.count_nonzero(fused) == 0  # never written: the reason buckets keep the pair together
+        assert load_format == "flattened_bucket"
+        runner = types.SimpleNamespace(get_model=lambda: self.model)
+        assert WeightUpdater._update_weights_from_flattened_bucket(runner, sglang_deserialize(payloads[0]))[0]
+        self.requests += 1
+
+    def flush_cache(self, timeout_s):
+        pass
 
 
-@pytest.mark.parametrize("bucket_bytes", [1, 100, 150, 250, 400, 1 << 20])
-def test_every_bucket_size_leaves_no_stale_parameter_in_sglangs_loader(bucket_bytes, sglang_serializer):
-    serialize, metadata_cls = sglang_serializer
-    stream = hf_attention_stream(torch.Generator().manual_seed(bucket_bytes))
-    model = loader_stand_in()
-    calls = send(model, stream, bucket_bytes, serialize, metadata_cls)
-    assert calls >= (1 if bucket_bytes >= 1 << 20 else 2)
+def fused_by_hand(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What SGLang's model must hold after loading HF tensors `hf`: its fused layers written out by hand
+    (q/k/v into qkv_proj, gate/up into gate_up_proj, DeepSeek's q_a/kv_a into fused_qkv_a_proj_with_mqa,
+    experts stacked into w13 = [gate; up] and w2 = down)."""
+    fused = {"q_proj": ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+             "gate_proj": ("gate_up_proj", ("gate_proj", "up_proj")),
+             "q_a_proj": ("fused_qkv_a_proj_with_mqa", ("q_a_proj", "kv_a_proj_with_mqa"))}
+    parts = {part for _, members in fused.values() for part in members}
+    want, experts = {}, {}
+    for name, tensor in hf.items():
+        *module, leaf, kind = name.split(".")
+        if "experts" in module and module[-1].isdigit():  # mlp.experts.<e>.<leaf>.weight
+            experts.setdefault(".".join(module[:-1]), {}).setdefault(leaf, {})[int(module[-1])] = tensor
+        elif leaf in fused:
+            target, members = fused[leaf]
+            want[".".join([*module, target, kind])] = torch.cat([hf[".".join([*module, m, kind])] for m in members])
+        elif leaf not in parts:
+            want[name] = tensor
+    for prefix, by_leaf in experts.items():
+        count = len(by_leaf["down_proj"])
+        want[prefix + ".w13_weight"] = torch.stack(
+            [torch.cat([by_leaf["gate_proj"][e], by_leaf["up_proj"][e]]) for e in range(count)])
+        want[prefix + ".w2_weight"] = torch.stack([by_leaf["down_proj"][e] for e in range(count)])
+    return want
+
+
+def hf_tensors(policy):
+    return {n: t.detach().clone() for n, t in to_hf(policy.config, policy.state_dict().items())}
+
+
+def test_sglangs_deepseek_loader_leaves_the_fused_projection_stale_when_a_call_splits_the_pair(world, tmp_path):
+    policy, model = checkpoint("deepseek_v3", tmp_path)
+    for pair in hf_tensors(policy).items():  # one tensor per call: what size-only one-tensor buckets would do
+        model.load_weights([pair])
     params = dict(model.named_parameters())
-    expected = expected_parameters(stream)
-    assert set(params) == set(expected)
-    for name, value in expected.items():
-        assert torch.equal(params[name], value), name  # bit-exact: the loader copies
+    assert torch.isnan(params["model.layers.0.self_attn.fused_qkv_a_proj_with_mqa.weight"]).all()  # never written
+    assert not torch.isnan(params["model.layers.0.self_attn.q_b_proj.weight"]).any()
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 64 << 10, 1 << 30])
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_a_weight_update_rewrites_every_parameter_of_sglangs_own_model(world, tmp_path, sglang_serializer,
+                                                                      variant, bucket_bytes):
+    policy, model = checkpoint(variant, tmp_path)
+    end = SchedulerEnd(model)
+    engine = SGLangEngine(end, config=policy.config, dtype=torch.float32, bucket_bytes=bucket_bytes,
+                          serializer=sglang_serializer)
+    engine.update_weights(policy.state_dict().items(), version=1)
+    assert end.requests > 1 if bucket_bytes < 1 << 30 else end.requests == 1
+    params = dict(model.named_parameters())
+    want = fused_by_hand(hf_tensors(policy))
+    assert set(params) == set(want)
+    if policy.config.tie_word_embeddings:  # why to_hf sends no lm_head.weight: SGLang's is the embedding
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    for name, value in want.items():
+        assert torch.equal(params[name], value), name  # bit-exact: the loaders copy
+    if variant == "deepseek_v3":  # absorbed MLA's kv_b_proj halves, made by post_load_weights per request
+        for layer, decoder in enumerate(model.model.layers):
+            attn = decoder.self_attn
+            kv_b = want[f"model.layers.{layer}.self_attn.kv_b_proj.weight"].unflatten(0, (attn.num_local_heads, -1))
+            k_nope, v = kv_b.split([attn.qk_nope_head_dim, attn.v_head_dim], dim=1)  # (heads, rows, kv_lora)
+            assert torch.equal(attn.w_kc, k_nope), layer  # q_nope @ w_kc: into the latent
+            assert torch.equal(attn.w_vc, v.transpose(1, 2)), layer  # latent @ w_vc: out to v
 
 
 def test_an_update_with_half_a_fused_pair_is_refused():
-    stream = [(n, t) for n, t in hf_attention_stream(torch.Generator().manual_seed(0))
-              if n != "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"]
+    from r1mega.models.config import tiny_deepseek_v3
+
+    policy = Transformer(tiny_deepseek_v3())
+    stream = [(n, t) for n, t in hf_tensors(policy).items() if n != "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"]
     with pytest.raises(ValueError, match="layers.1.self_attn.q_a_proj.weight arrived without"):
         list(flat_buckets(iter(stream), 1 << 20))
