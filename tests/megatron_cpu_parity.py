@@ -56,11 +56,11 @@ CONFIGS = {
 }
 
 
-def build(cfg: ModelConfig):
+def build(cfg: ModelConfig, parallel=None):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
-    kw = mconfig.transformer_config_kwargs(cfg, dtype=torch.float32)
+    kw = mconfig.transformer_config_kwargs(cfg, parallel or mconfig.ParallelConfig(), dtype=torch.float32)
     kw.update(perform_initialization=False, use_cpu_initialization=True)
     tc = (MLATransformerConfig if cfg.is_mla else TransformerConfig)(**kw)
     pos, extra = mconfig.position_embedding(cfg)
@@ -68,7 +68,7 @@ def build(cfg: ModelConfig):
         setattr(tc, k, v)
     m = GPTModel(config=tc, transformer_layer_spec=mmodel.layer_specs(tc, use_te=False), vocab_size=cfg.vocab_size,
                  max_sequence_length=cfg.max_position_embeddings,
-                 share_embeddings_and_output_weights=cfg.tie_word_embeddings, **pos)
+                 share_embeddings_and_output_weights=cfg.tie_word_embeddings, parallel_output=True, **pos)
     mmodel._set_rope_frequencies(m, cfg)
     return m.eval()
 

@@ -9,6 +9,9 @@ helpers strip wrapper prefixes anyway).
 A save goes to `<path>.tmp` and is renamed to `<path>` by rank 0 once every rank has finished, so a
 kill never leaves a half-written checkpoint under the final name.
 
+Plain tensors that hold each rank's own piece (a megatron policy's tensor-parallel shards) are stored
+under per-rank names (`_stored`): they load back at the same tensor-parallel size only.
+
 Deliberately left out: asynchronous saves, and the trainer's own state (step, RNG, data position),
 which r1mega/trainers/checkpoint.py keeps.
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 
@@ -31,6 +34,19 @@ def _state(model: nn.Module, optimizer=None) -> dict:
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
     return state
+
+
+def _stored(state: dict, model: nn.Module) -> dict:
+    """`state` as DCP stores it. Empty entries (megatron's linear layers' `_extra_state` is None) are
+    left out: DCP writes nothing for them and would then miss them on load. A model whose plain tensors
+    differ from rank to rank (megatron's tensor-parallel shards) names them by rank (`checkpoint_name`),
+    or DCP would keep one rank's piece of each as if they were replicas. The tensors are the same
+    objects, so a load into the result loads into `state`."""
+    name = getattr(model, "checkpoint_name", lambda key: key)
+    stored = {"model": {name(k): v for k, v in state["model"].items() if v is not None}}
+    if "optim" in state:
+        stored["optim"] = {**state["optim"], "state": {name(k): v for k, v in state["optim"]["state"].items()}}
+    return stored
 
 
 def _barrier() -> None:
@@ -46,7 +62,7 @@ def save(path: str | os.PathLike, model: nn.Module, optimizer=None) -> Path:
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
-    dcp.save(_state(model, optimizer), checkpoint_id=str(tmp))
+    dcp.save(_stored(_state(model, optimizer), model), checkpoint_id=str(tmp))
     _barrier()
     if rank0:
         shutil.rmtree(path, ignore_errors=True)
@@ -61,7 +77,11 @@ def load(path: str | os.PathLike, model: nn.Module, optimizer=None) -> None:
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path}: not a torch.distributed.checkpoint directory (no .metadata)")
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
+    dcp.load(_stored(state, model), checkpoint_id=str(path))
+    # DCP found every stored entry it was asked for; the empty ones are not stored, so they are not
+    # set, which a strict set refuses under a wrapper prefix (DDP's "module.").
+    empty = [k for k, v in state["model"].items() if v is None]
+    set_model_state_dict(model, {k: v for k, v in state["model"].items() if v is not None},
+                         options=StateDictOptions(strict=not empty))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])

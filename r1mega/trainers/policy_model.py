@@ -4,22 +4,23 @@
 trains: the same model, FSDP2-sharded over the data-parallel ranks (`model.backend=native`), or a
 megatron-core GPTModel holding its weights (`model.backend=megatron`: `MegatronPolicy`; the reference
 model and the rollout engine keep native copies, so only the policy's forward, backward and optimizer
-step run in megatron). Under torchrun the megatron policy is replicated on every rank and its
-gradients summed over the data-parallel group (r1mega.parallel.replicate: torch's DDP), the same
-global-batch gradient FSDP2 gives the native policy; megatron's own parallel state then has tp = ep =
-1 and a data-parallel group of the whole world, which nothing in its forward uses.
+step run in megatron). Under torchrun the megatron policy is split by megatron's own tensor
+parallelism over `parallel.tp` ranks (its parallel state built with the trainer's tp and data-parallel
+groups, checked equal), and each tensor-parallel replica's gradients are summed over the
+data-parallel group (r1mega.parallel.replicate: torch's DDP), the same global-batch gradient FSDP2
+gives the native policy.
 
 Beyond `nn.Module` (parameters, state dict, the forward the loss ops use), the trainer asks its policy
 what `Policy` lists, and never which backend answers: the native model answers as a `NativePolicy`
 (r1mega.parallel.native_policy; a pipelined one, `PipelinedModel`, with its own weight export and
 load metrics, its stages holding other layers each), the megatron backend as `MegatronPolicy`.
 
-Deliberately left out: megatron's tensor, expert and pipeline parallelism under the trainer
-(parallel.tp, parallel.ep and parallel.pp are refused with model.backend=megatron: the rollout
-engine's weight export and the expert-parallel weight loading do not gather or split megatron's
-shards yet), activation
-checkpointing of a megatron policy (refused: r1mega's wraps native blocks), and megatron's DDP and
-distributed optimizer (replicate.py says why).
+Deliberately left out: sequence parallelism, without which megatron-core refuses to train MoE layers
+under tensor parallelism (so tp > 1 runs dense models), megatron's expert and pipeline parallelism
+under the trainer (parallel.ep and parallel.pp are refused with model.backend=megatron: the
+expert-parallel weight loading and export do not split or gather megatron's experts yet, nor is
+megatron's pipeline schedule driven), activation checkpointing of a megatron policy (refused:
+r1mega's wraps native blocks), and megatron's DDP and distributed optimizer (replicate.py says why).
 """
 
 from __future__ import annotations
@@ -75,14 +76,31 @@ def policy_for_backend(model_cfg, policy: nn.Module, dp) -> Policy:
         if not dp.distributed:
             _world_of_one()
             return megatron.MegatronPolicy.from_native(policy, dtype=next(policy.parameters()).dtype)
-        split = {key: getattr(dp.dims, key) for key in ("tp", "ep") if getattr(dp.dims, key) != 1}
-        if split:
-            raise ValueError(f"model.backend=megatron under torchrun is data parallel only; "
-                             f"{', '.join(f'parallel.{k}={v}' for k, v in split.items())} is not supported "
-                             "with it: set it to 1, or use model.backend=native")
-        return replicate(megatron.MegatronPolicy.from_native(policy, dtype=next(policy.parameters()).dtype),
-                         dp.group, dp.device)
+        if dp.dims.ep != 1:
+            raise ValueError(f"model.backend=megatron under torchrun has no expert parallelism yet; parallel.ep="
+                             f"{dp.dims.ep} is not supported with it: set it to 1, or use model.backend=native")
+        if dp.dims.tp > 1 and policy.config.n_routed_experts:
+            raise ValueError(f"parallel.tp={dp.dims.tp} with model.backend=megatron runs dense models only: "
+                             "megatron-core trains MoE layers under tensor parallelism only with sequence "
+                             "parallelism, which is not wired here yet; use parallel.tp=1 or model.backend=native")
+        parallel = megatron.ParallelConfig(tensor_parallel=dp.dims.tp)
+        built = megatron.MegatronPolicy.from_native(policy, parallel, dtype=next(policy.parameters()).dtype)
+        _check_megatron_groups(dp)
+        return replicate(built, dp.group, dp.device)
     raise ValueError(f"model.backend={model_cfg.backend!r}: expected 'native' or 'megatron'")
+
+
+def _check_megatron_groups(dp) -> None:
+    """megatron's tensor- and data-parallel groups must be the trainer's (both put tp innermost), or the
+    vocabulary-parallel loss and the gradient sum would run over other ranks than the data's."""
+    from megatron.core import parallel_state
+
+    pairs = (("tensor", parallel_state.get_tensor_model_parallel_group(), dp.dims.mesh("tp").get_group()),
+             ("data", parallel_state.get_data_parallel_group(), dp.group))
+    for name, theirs, ours in pairs:
+        if dist.get_process_group_ranks(theirs) != dist.get_process_group_ranks(ours):
+            raise RuntimeError(f"megatron's {name}-parallel group {dist.get_process_group_ranks(theirs)} is not "
+                               f"the trainer's {dist.get_process_group_ranks(ours)}")
 
 
 def _world_of_one() -> None:

@@ -42,7 +42,7 @@ from r1mega.ops.linear_grpo_loss import linear_grpo_loss
 from r1mega.parallel.grad_clip import clip_grad_norm
 from r1mega.trainers.algorithms import corrects_rollouts
 from r1mega.trainers.rollout_batch import RolloutBatch
-from r1mega.trainers.token_batch import logprob_head, run_micro_batches
+from r1mega.trainers.token_batch import logprob_head, run_micro_batches, vocab_group
 
 # linear_grpo_loss's statistics that are extremes over valid tokens: (how two combine, the value of no
 # token, its reduction over ranks). The others are means over valid tokens.
@@ -65,8 +65,10 @@ def sequence_logprobs(model, batch: RolloutBatch, *, temperature: float, token_b
     indices = batch.micro_batches(token_budget)
     micro_batches = [batch.select(index) for index in indices]
 
+    group = vocab_group(model)
+
     def head(hidden, weight, micro):
-        return None, logprob_head(hidden, weight, micro, temperature=temperature).cpu()
+        return None, logprob_head(hidden, weight, micro, temperature=temperature, vocab_group=group).cpu()
 
     logps = run_micro_batches(model, micro_batches, head, device=device, backward=False,
                               routings=[_replayed(micro, replay_routing) for micro in micro_batches])
@@ -200,6 +202,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens
     totals = _no_tokens()  # sums of per-step statistics, extremes over all steps
     updates = nan_steps = 0
     beta = 0.0 if algo.kl_in_reward or batch.ref_logp is None else algo.beta
+    group = vocab_group(model)
     for members in _mini_batches(len(batch), algo, generator)[:steps]:
         mini = batch.select(members)
         optimizer.zero_grad(set_to_none=True)
@@ -213,7 +216,7 @@ def update_policy(model, optimizer, batch: RolloutBatch, algo, *, max_new_tokens
                 hidden, weight, micro.response_ids.to(hidden.device), old, ref, micro.advantages.to(hidden.device),
                 micro.loss_tokens().to(hidden.device), temperature=temperature, clip_low=algo.clip_low,
                 clip_high=algo.clip_high, beta=beta, agg=algo.agg, max_len=max_new_tokens, ratio=algo.ratio,
-                return_logp=True)
+                process_group=group, return_logp=True)
             share = _fraction_of_mini_batch(micro, mini, algo.agg)
             logp = (logp.detach() * micro.mask.to(logp.device)).cpu()
             return loss * share, (loss.item() * share, _micro_stats(stats, micro), logp)

@@ -186,20 +186,27 @@ def run_micro_batches(model, micro_batches: list[TokenBatch], head: Head, *, dev
     return results
 
 
+def vocab_group(model):
+    """The process group `model.output_weight` is split over by vocabulary (megatron's tensor-parallel
+    policy), or None: the whole matrix on every rank (the native model, the reference)."""
+    return getattr(model, "vocab_group", None)
+
+
 def response_logprobs(model, batch: TokenBatch, *, temperature: float, device,
                       routing: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Logprob [S, R] of each response token, differentiable, through the chunked `linear_logprob`;
     `routing` replayed as `response_hidden` does."""
     return logprob_head(response_hidden(model, batch, device, routing), model.output_weight, batch,
-                        temperature=temperature)
+                        temperature=temperature, vocab_group=vocab_group(model))
 
 
-def logprob_head(hidden: torch.Tensor, weight: torch.Tensor, batch: TokenBatch, *, temperature: float) -> torch.Tensor:
+def logprob_head(hidden: torch.Tensor, weight: torch.Tensor, batch: TokenBatch, *, temperature: float,
+                 vocab_group=None) -> torch.Tensor:
     """hidden [S, R, H] -> logprob [S, R] of each response token (0 where masked), through the chunked
-    `linear_logprob`."""
+    `linear_logprob` (vocabulary-parallel over `vocab_group` when the weight is a shard)."""
     from r1mega.ops.linear_logprob import linear_logprob
 
     s, r, h = hidden.shape
     logp, _ = linear_logprob(hidden.reshape(s * r, h), weight, batch.response_ids.to(hidden.device).reshape(-1),
-                             temperature=temperature)
+                             temperature=temperature, process_group=vocab_group)
     return logp.view(s, r) * batch.mask.to(hidden.device)

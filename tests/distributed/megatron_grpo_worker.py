@@ -22,9 +22,9 @@ tensor_parallel.model_parallel_cuda_manual_seed = lambda seed: None
 def cpu_build(cfg, parallel, dtype):
     compat.apply()
     megatron_model.ensure_model_parallel(parallel)
-    # every rank one data-parallel replica, as the trainer's DDP replicates the policy
-    assert parallel_state.get_data_parallel_world_size() == dist.get_world_size(), parallel_state
-    return megatron_cpu_parity.build(cfg).train()
+    # each tensor-parallel group one data-parallel replica, as the trainer's DDP replicates the policy
+    assert parallel_state.get_data_parallel_world_size() == dist.get_world_size() // parallel.tensor_parallel
+    return megatron_cpu_parity.build(cfg, parallel).train()
 
 
 megatron_model.build_model = cpu_build

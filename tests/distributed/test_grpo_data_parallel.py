@@ -1,7 +1,8 @@
 """GRPO under torchrun: 2 processes give the metrics of 1 process with the same global batch, data
 parallel (FSDP2), tensor parallel (tp=2) or expert parallel (ep=2 over FSDP2), or with the policy as a
 megatron-core GPTModel replicated by DDP (model.backend=megatron), and a run stopped at a checkpoint
-resumes to the same metrics, under torchrun or in one process; DAPO's dynamic sampling with rollout
+resumes to the same metrics, under torchrun or in one process; megatron's own tensor parallelism (tp=2)
+gives one process's metrics and resumes from its checkpoint; DAPO's dynamic sampling with rollout
 correction, and one-step-off rollouts, too; partial rollouts resume under torchrun.
 
 Every run goes through `train(cfg)` as r1mega-train does (grpo_worker.py adds a reward a random model
@@ -38,6 +39,8 @@ The megatron runs (megatron_grpo_worker.py shims megatron-core onto the CPU) com
 process of the same backend, within the noise of a one-process megatron run with another token budget.
 Their small token budget packs each mini-batch into several micro-batches per rank, so that gradients
 accumulate before DDP sums them; the reference is reset from the megatron policy every 2 rollouts. The
+megatron runs use lr 1e-4: at 3e-4 the split run's loss moved 1e-4 from the first run's by the third
+rollout on a fresh install (2026-12-04; Adam's amplification again), beyond the noise bound. The
 bugs: DDP's default average halves the gradient (the loss at the next step moves with it), summing the
 accumulated gradient of every micro-batch counts the earlier ones twice, and expert loads left unsummed
 give each rank other biases and the reported loads of half the batch.
@@ -143,7 +146,8 @@ def test_megatron_backend_two_processes_match_one(tmp_path):
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install r1mega[megatron])")
     # 20 tokens: one sample (a 9-token prompt and 8 new tokens at most) per micro-batch, so 8 per
     # mini-batch in one process, 4 per rank under torchrun
-    megatron = ("train.steps=8", "model.backend=megatron", "algo.token_budget=20", "algo.ref_reset_every=4")
+    megatron = ("train.steps=8", "model.backend=megatron", "algo.token_budget=20", "algo.ref_reset_every=4",
+                "algo.lr=1e-4")
     run_grpo(tmp_path / "one", 1, *megatron, worker=MEGATRON_WORKER)
     run_grpo(tmp_path / "two", 2, *megatron, worker=MEGATRON_WORKER)
     run_grpo(tmp_path / "split", 1, *megatron, "algo.token_budget=40", worker=MEGATRON_WORKER)
@@ -152,6 +156,25 @@ def test_megatron_backend_two_processes_match_one(tmp_path):
     assert any(key.startswith("moe/decoder.layers.") for key in one[0]), "the policy should be megatron's MoE"
     assert_same(one, metrics_rows(tmp_path / "two"), order_noise(one, metrics_rows(tmp_path / "split")))
     _assert_distributed_checkpoint(tmp_path / "two")
+
+
+def test_megatron_tensor_parallel_matches_one_process_and_resumes(tmp_path):
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install r1mega[megatron])")
+    # megatron-core's own tensor parallelism (its column/row-parallel layers, the vocabulary-parallel
+    # embedding and fused loss over its tp group) on the tied Qwen2: the data are one process's, so only
+    # fp32 summation order differs. The engine's weights are gathered from the shards every rollout, and
+    # a checkpoint holds every rank's shards (a wrong gather or a lost shard changes the rewards).
+    qwen = ("train.steps=6", "model.preset=tiny_qwen2", "model.backend=megatron", "algo.token_budget=20",
+            "algo.ref_reset_every=4", "algo.lr=1e-4")
+    run_grpo(tmp_path / "one", 1, *qwen, worker=MEGATRON_WORKER)
+    run_grpo(tmp_path / "split", 1, *qwen, "algo.token_budget=40", worker=MEGATRON_WORKER)
+    run_grpo(tmp_path / "tp", 2, *qwen, "parallel.tp=2", worker=MEGATRON_WORKER)
+    one = metrics_rows(tmp_path / "one")
+    assert len({row["reward/mean"] for row in one}) > 1, "the reward should move, or the test compares nothing"
+    assert_same(one, metrics_rows(tmp_path / "tp"), order_noise(one, metrics_rows(tmp_path / "split")))
+    run_grpo(tmp_path / "cut", 2, *qwen, "parallel.tp=2", "train.steps=4", worker=MEGATRON_WORKER)
+    run_grpo(tmp_path / "cut", 2, *qwen, "parallel.tp=2", "train.resume=true", worker=MEGATRON_WORKER)
+    assert_same(metrics_rows(tmp_path / "tp")[2:], metrics_rows(tmp_path / "cut")[2:], exact=True)
 
 
 def test_resume_under_torchrun_and_in_one_process(straight, tmp_path):

@@ -3,6 +3,7 @@ module layouts, the fused layouts checked against megatron's own way of splittin
 tensor-parallel shards, config translation and its refusals, and the missing-megatron-core message
 (models built by megatron-core itself: test_megatron_backend_cpu.py)."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -102,6 +103,19 @@ def test_tp_shards_reassemble():
     qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
     with pytest.raises(Exception, match="num_key_value_heads"):
         mapping.tp_shard(cfg, qkv, meg[qkv], 0, 4)
+    cfg = dataclasses.replace(cfg, vocab_size=96)  # the vocabulary splits over 2 ranks
+    meg = dict(mapping.native_to_megatron(cfg, random_native(cfg).items()))
+    for name, t in meg.items():  # tp_unshard undoes tp_shard for every tensor of the model
+        pieces = [mapping.tp_shard(cfg, name, t, r, 2) for r in range(2)]
+        assert torch.equal(mapping.tp_unshard(name, pieces), t), name
+        assert mapping.is_tp_sharded(name) == (pieces[0].numel() < t.numel()), name
+
+
+def test_tp_unshard_of_deepseek_experts_and_mla():
+    cfg = tiny_deepseek_v3(vocab_size=64)
+    meg = dict(mapping.native_to_megatron(cfg, random_native(cfg).items()))
+    for name, t in meg.items():
+        assert torch.equal(mapping.tp_unshard(name, [mapping.tp_shard(cfg, name, t, r, 2) for r in range(2)]), t), name
 
 
 def test_missing_and_unknown_tensors_are_named():

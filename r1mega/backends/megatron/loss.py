@@ -20,7 +20,7 @@ from r1mega.ops.linear_grpo_loss import linear_grpo_loss
 from r1mega.ops.linear_logprob import linear_logprob
 
 
-def _tp_group():
+def tensor_parallel_group():
     from megatron.core import parallel_state
 
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
@@ -58,7 +58,8 @@ def logprobs(model, input_ids: torch.Tensor, targets: torch.Tensor, *, temperatu
     """(log-probability of targets [B, T], entropy [B, T]) in fp32, differentiable."""
     h = hidden_states(model, input_ids)
     logp, entropy = linear_logprob(h.reshape(-1, h.shape[-1]), output_weight(model), targets.reshape(-1),
-                                   temperature=temperature, chunk_size=chunk_size, process_group=_tp_group())
+                                   temperature=temperature, chunk_size=chunk_size,
+                                   process_group=tensor_parallel_group())
     return logp.view(targets.shape), entropy.view(targets.shape)
 
 
@@ -67,4 +68,4 @@ def grpo_loss(model, input_ids: torch.Tensor, targets: torch.Tensor, old_logp: t
     """`r1mega.ops.linear_grpo_loss` on the megatron model: (loss, stats). `loss_kw`: temperature,
     clip_low, clip_high, beta, agg, max_len, chunk_size as that op takes them."""
     return linear_grpo_loss(hidden_states(model, input_ids), output_weight(model), targets, old_logp, ref_logp,
-                            advantages, mask, process_group=_tp_group(), **loss_kw)
+                            advantages, mask, process_group=tensor_parallel_group(), **loss_kw)

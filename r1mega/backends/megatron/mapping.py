@@ -16,9 +16,9 @@ Transformer Engine's (norms fused into the next linear as `layer_norm_weight`, g
 Both directions stream: a tensor is held only until the rest of its rule has arrived (a layer's
 q/k/v, gate/up; all E experts of a layer's fc1 before the stacked native tensors are emitted), so
 state-dict order keeps memory to one layer. `tp_shard` cuts a full megatron tensor into rank r's
-tensor-parallel piece. TE's `_extra_state` entries carry no weights and are skipped. Unknown,
-duplicate and half-given fused tensors raise; whether every tensor was given is the caller's check
-(`megatron_names` lists them; model.load_native_weights does it).
+tensor-parallel piece, `tp_unshard` puts the pieces back together. TE's `_extra_state` entries carry
+no weights and are skipped. Unknown, duplicate and half-given fused tensors raise; whether every
+tensor was given is the caller's check (`megatron_names` lists them; model.load_native_weights does it).
 
 Deliberately left out: pipeline-parallel layer offsets and expert-parallel expert renumbering (the
 names are those of the whole model), multi-token-prediction layers, megatron's distributed
@@ -256,23 +256,49 @@ _COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "linear_q_proj.weight", "line
 _DOWN_PROJ = ("linear_q_down_proj.weight", "linear_kv_down_proj.weight")
 
 
+def _tp_split(name: str, layout: Layout) -> str | None:
+    """How tensor parallelism cuts megatron tensor `name`: "glu" (rank r holds [gate_r; up_r]), "row"
+    (along dim 1), "column" (along dim 0), or None (replicated: norms, routers, expert bias, output-
+    projection biases)."""
+    if _GLU.fullmatch(name):
+        return "glu"
+    if _ROW.fullmatch(name):
+        return "row"
+    if name.endswith(_COLUMN) or (name.endswith(_DOWN_PROJ) and not layout.te_fused_norms):
+        return "column"
+    return None
+
+
 def tp_shard(config: ModelConfig, name: str, t: torch.Tensor, rank: int, size: int,
              layout: Layout = LOCAL) -> torch.Tensor:
     """Rank `rank`'s piece of the full megatron tensor `name` under tensor parallelism of `size`
     (expert tensors split like dense ones: expert-tensor-parallel size = tensor-parallel size)."""
-    if size == 1:
+    split = _tp_split(name, layout)
+    if size == 1 or split is None:
         return t
-    if _GLU.fullmatch(name):  # each rank holds [gate_r; up_r]
+    if split == "glu":
         gate, up = t.chunk(2)
         return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]])
-    if _ROW.fullmatch(name):
+    if split == "row":
         return t.chunk(size, dim=1)[rank]
-    column = name.endswith(_COLUMN) or (name.endswith(_DOWN_PROJ) and not layout.te_fused_norms)
-    if not column:
-        return t  # norms, routers, expert bias, output-projection biases: replicated
     if name.endswith(("linear_qkv.weight", "linear_qkv.bias")) and config.num_key_value_heads % size:
         raise CheckpointError(f"{name}: num_key_value_heads={config.num_key_value_heads} is not divisible by "
                               f"tensor parallel size {size}")
     if t.shape[0] % size:
         raise CheckpointError(f"{name}: {t.shape[0]} rows are not divisible by tensor parallel size {size}")
     return t.chunk(size)[rank]
+
+
+def is_tp_sharded(name: str, layout: Layout = LOCAL) -> bool:
+    return _tp_split(name, layout) is not None
+
+
+def tp_unshard(name: str, pieces: list[torch.Tensor], layout: Layout = LOCAL) -> torch.Tensor:
+    """The full megatron tensor `name` from every rank's piece in rank order: `tp_shard`'s inverse."""
+    split = _tp_split(name, layout)
+    if split is None:
+        return pieces[0]
+    if split == "glu":
+        halves = [p.chunk(2) for p in pieces]
+        return torch.cat([gate for gate, _ in halves] + [up for _, up in halves])
+    return torch.cat(pieces, dim=1 if split == "row" else 0)

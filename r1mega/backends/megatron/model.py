@@ -14,6 +14,9 @@ GPU only: megatron-core allocates parameters and rotary tables with `torch.cuda.
 torch.distributed must be initialised first (torchrun, or a world of one process);
 `ensure_model_parallel` then sets up megatron's parallel state and CUDA RNG trackers.
 
+Weights move in and out at any tensor-parallel size: `load_native_weights` cuts this rank's shard,
+`native_weights` gathers the shards back.
+
 Deliberately left out: pipeline parallelism (pre/post-process stages), virtual pipelines, expert
 parallel weight loading (experts are named globally in mapping.py), megatron's DDP wrapper and
 distributed optimizer (the trainer's job), FP8.
@@ -28,7 +31,8 @@ import torch
 
 from r1mega.backends.megatron import compat
 from r1mega.backends.megatron.config import ParallelConfig, build_transformer_config, position_embedding
-from r1mega.backends.megatron.mapping import Layout, megatron_to_native, native_to_megatron, tp_shard
+from r1mega.backends.megatron.mapping import (Layout, is_tp_sharded, megatron_to_native, native_to_megatron, tp_shard,
+                                             tp_unshard)
 from r1mega.models import rope
 from r1mega.models.checkpoint import CheckpointError
 from r1mega.models.config import ModelConfig
@@ -157,7 +161,24 @@ def load_native_weights(model, cfg: ModelConfig, named: Iterable[tuple[str, torc
 
 @torch.no_grad()
 def native_weights(model, cfg: ModelConfig):
-    """The megatron model's weights as native (name, tensor) pairs (one process, TP=1)."""
-    if _tp()[1] != 1:
-        raise NotImplementedError("native_weights: gather tensor-parallel shards first (TP > 1)")
-    return megatron_to_native(cfg, model.state_dict().items(), layout_of(model))
+    """The megatron model's weights as native (name, tensor) pairs, whole: under tensor parallelism each
+    sharded tensor is gathered from the ranks of this rank's group as the stream reaches it (a
+    collective: every rank of the group must read the stream through), so one full tensor at a time
+    is held beyond the model."""
+    layout = layout_of(model)
+    named = model.state_dict().items()
+    if _tp()[1] > 1:
+        named = _tp_gathered(named, layout)
+    return megatron_to_native(cfg, named, layout)
+
+
+def _tp_gathered(named, layout: Layout):
+    from megatron.core import parallel_state
+
+    group, size = parallel_state.get_tensor_model_parallel_group(), _tp()[1]
+    for name, t in named:
+        if is_tp_sharded(name, layout):
+            pieces = [torch.empty_like(t) for _ in range(size)]
+            torch.distributed.all_gather(pieces, t.contiguous(), group=group)
+            t = tp_unshard(name, pieces, layout)
+        yield name, t

@@ -12,19 +12,24 @@ What the GRPO trainer asks of its policy, and how each is answered here:
   record laid out as the rows are; a token the record does not cover (a response's last, never fed to
   the engine, whose output no logprob reads) routes to experts 0..k-1 and is left out of the load
   counts, as padding is. It replays only: `chosen` stays empty;
-- `output_weight`: this rank's vocabulary shard of the output matrix, for the fused loss ops;
+- `output_weight`: this rank's vocabulary shard of the output matrix, for the fused loss ops, and
+  `vocab_group`, the tensor-parallel group the vocabulary is split over (None at tp = 1);
+- `clip_grad_norm`: the global gradient norm under tensor parallelism: a sharded parameter's squares
+  summed over the group, a replicated one's (norms, routers) counted once;
 - `config` (the r1mega ModelConfig), `parameters()`, `state_dict()` (megatron names) for the
   optimizer and checkpoints;
-- `engine_weights()`: native (name, tensor) pairs for the rollout engine's `update_weights`;
+- `engine_weights()`: native (name, tensor) pairs for the rollout engine's `update_weights`, the
+  tensor-parallel shards gathered (model.native_weights);
 - `expert_load_stats()` and `update_expert_bias(rate)`: the load metrics and the aux-loss-free
   balancing step of r1mega.models.balance, on the token counts megatron's routers keep
   (`local_tokens_per_expert`, padding taken back out); `sum_expert_load(group)` adds those counts
   over data-parallel ranks first;
+- `checkpoint_name(fqn)`: tensor-parallel shards are checkpointed under per-rank names;
 - `load_into_reference(reference)`: the native reference takes `engine_weights()`, each rank cutting
   its own shards of them.
 
-Deliberately left out: tensor-parallel weight export (native_weights gathers nothing yet) and the
-KV-cache path (rollouts run in the engine, never through this model).
+Deliberately left out: sequence parallelism (it needs Transformer Engine's norms) and the KV-cache
+path (rollouts run in the engine, never through this model).
 """
 
 from __future__ import annotations
@@ -34,12 +39,14 @@ import contextlib
 import torch
 from torch import nn
 
-from r1mega.backends.megatron.loss import hidden_states, output_weight
-from r1mega.backends.megatron.model import native_weights
+from r1mega.backends.megatron.loss import hidden_states, output_weight, tensor_parallel_group
+from r1mega.backends.megatron.mapping import is_tp_sharded
+from r1mega.backends.megatron.model import layout_of, native_weights
 from r1mega.models.balance import bias_step, load_stats
 from r1mega.models.config import ModelConfig
 from r1mega.models.routing import NO_RECORD, Routing
 from r1mega.models.shared_prefix import SharedPrefixRow
+from r1mega.parallel.grad_clip import clip_grad_norm
 from r1mega.parallel.weight_gather import load_full_state_dict
 
 
@@ -61,6 +68,30 @@ class MegatronPolicy(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         return output_weight(self.model)
+
+    @property
+    def vocab_group(self):
+        return tensor_parallel_group()
+
+    def checkpoint_name(self, fqn: str) -> str:
+        """The name a distributed checkpoint stores `fqn` under: a tensor-parallel shard's names its rank
+        (parallel/dist_checkpoint.py), so it resumes at the same tensor-parallel size only."""
+        group = tensor_parallel_group()
+        if group is None or not is_tp_sharded(fqn.removeprefix("model."), layout_of(self.model)):
+            return fqn
+        return f"{fqn}@tp{torch.distributed.get_rank(group)}of{torch.distributed.get_world_size(group)}"
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clips to the global gradient norm, which it returns: every rank of the tensor-parallel group
+        adds its shards' squares, and only the group's first rank the replicated gradients' (the same
+        on every rank: their inputs and output gradients are)."""
+        group = tensor_parallel_group()
+        if group is None:
+            return clip_grad_norm(self.parameters(), max_norm)
+        layout = layout_of(self.model)
+        replicated = [] if torch.distributed.get_rank(group) == 0 else [
+            p for name, p in self.model.named_parameters() if not is_tp_sharded(name, layout)]
+        return clip_grad_norm(self.parameters(), max_norm, uncounted=replicated, group=group)
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 layout: SharedPrefixRow | None = None, routing: Routing | None = None,
