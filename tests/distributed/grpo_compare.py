@@ -18,13 +18,18 @@ ROOT = str(Path(__file__).resolve().parents[2])
 # A constant learning rate: the resume test stops a run by its step count, which a cosine schedule depends on.
 # Rollouts of 4 questions x 4 samples, 2 optimizer steps each; a checkpoint every 2 rollouts.
 ARGS = ["model.init=random", "data.train_size=64", "data.test_size=6", "algo.train_batch_size=4",
-        "algo.group_size=4", "algo.ppo_mini_batch_size=2", "algo.lr=3e-4", "algo.schedule=constant", "algo.beta=0.1",
+        "algo.group_size=4", "algo.ppo_mini_batch_size=2", "algo.lr=1e-4", "algo.schedule=constant", "algo.beta=0.1",
         "rollout.max_new_tokens=[[0,8]]", "train.cpu_threads=1", "train.progress=false", "train.tensorboard=false",
         "train.eval_every=8", "train.save_every=4", "train.eval_sampling.max_new_tokens=0", "data.hard_difficulty=null"]
 TIMING = ("time/", "throughput/", "reward/score_time_s")
 # Metrics of the engine's logprobs against the trainer's: a few fp32 ulps apart between generation batches
 # (and, when the samples are stale, as far apart as the trainer's logprobs are).
 ENGINE_LOGPROBS = ("rollout/logprob_mismatch", "rollout/mismatch_kl", "correction/")
+# The held-out samples (data.test_size x train.eval_sampling.n) are drawn from weights that differ by the
+# order noise, so a sampled token may flip where the draw falls within that noise of a boundary (seen on
+# an AVX-512 machine: one sample's reward moved the mean by 9e-4): the sampled eval metrics may differ by
+# one sample's share of a [0, 1] metric. The greedy ones must be equal.
+SAMPLED_EVAL, EVAL_SAMPLES = "eval/", 6 * 4
 
 
 def run_grpo(out_dir: Path, processes: int, *extra: str, worker: str = WORKER) -> None:
@@ -79,7 +84,9 @@ def assert_same(expected: list[dict], got: list[dict], noise: tuple[float, float
     for want, row in zip(expected, got):
         assert set(row) == set(want), set(row) ^ set(want)
         for key, value in want.items():
-            if exact or not key.startswith(("train/", *ENGINE_LOGPROBS)):
+            if not exact and key.startswith(SAMPLED_EVAL) and not key.startswith("eval/greedy_"):
+                ok = math.isclose(row[key], value, rel_tol=0, abs_tol=1 / EVAL_SAMPLES)
+            elif exact or not key.startswith(("train/", *ENGINE_LOGPROBS)):
                 ok = row[key] == value
             elif key.startswith(ENGINE_LOGPROBS):  # with stale samples, the trainer's noise moves them too
                 ok = math.isclose(row[key], value, rel_tol=rel, abs_tol=1e-5)
