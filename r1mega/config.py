@@ -54,7 +54,7 @@ class ModelConfig:
     base_batch_size: int = 32
     base_lr: float = 3e-3
     # How the pretraining demonstrations are written (r1mega/data/tasks/strategies.py, `chain` only):
-    # strategy -> share, and the chance that a worked operation slips. Other tasks have the one strategy
+    # strategy -> share, and the chance that a hard worked operation slips. Other tasks have the one strategy
     # "steps", whose final answer is then wrong with probability base_slip_rate.
     base_strategies: dict[str, float] = field(default_factory=lambda: {"steps": 1.0})
     base_slip_rate: float = 0.0

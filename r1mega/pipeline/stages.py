@@ -108,7 +108,7 @@ def cold_start(cfg: PipelineConfig, base_dir: Path, out: Path) -> dict[str, floa
         rng = random.Random(f"cold_start/{cfg.train.seed}")
         tasks = make_task_dataset(cfg.data.task, split="train", size=stage.size, difficulty=cfg.data.difficulty,
                                   seed=cfg.train.seed + 1)
-        # The chain task's longest readable form, each step checked (strategies.py), with no slip.
+        # The chain task's longest readable form, each hard step checked (strategies.py), with no slip.
         strategy = "check" if cfg.data.task == "chain" else None
         rows = [{"prompt": t["prompt"], "response": demonstration(t, rng, strategy=strategy)} for t in tasks]
     model, tokenizer = load_model(base_dir)

@@ -3,9 +3,10 @@
 R1-Zero starts from a base model that can already solve some questions; RL reinforces what sampling
 sometimes gets right. A random tiny model solves none, so this pretrains one briefly on worked
 solutions in the R1-Zero format, written in a mixture of strategies (`base_strategies`: answering at
-once, working step by step, working and checking each step; strategies.py) whose worked steps slip
-now and then (`base_slip_rate`), a share with broken tags (`base_bad_format_rate`). Which strategy a
-response follows is the model's own choice at its first tokens, and only the answer and the format
+once, working step by step, working and checking each hard step; strategies.py) whose hard steps
+slip (`base_slip_rate`), a share with broken tags (`base_bad_format_rate`). Which strategy a
+response follows is the model's own choice (at its first tokens: at once or worked; at each hard
+step: checked or not), and only the answer and the format
 are rewarded: what GRPO does to the mixture is the run's result. The model is cached under the
 tokenizer's cache directory, keyed by every setting that shapes it, so later runs start at once.
 """
@@ -29,7 +30,7 @@ from r1mega.models import ModelConfig as TransformerConfig, Transformer, preset
 from r1mega.models.checkpoint import is_native, load_native, save_native
 from r1mega.trainers.sft import train_sft
 
-RECIPE_VERSION = 3  # 2: the SFT schedule is the trainer's (cosine after the warm-up); 3: strategies
+RECIPE_VERSION = 4  # 2: the SFT schedule is the trainer's (cosine after the warm-up); 3: strategies; 4: hard-step slips
 
 
 def _examples(model_cfg: ModelConfig, tokenizer: Tokenizer, data: DataConfig, seed: int):

@@ -3,17 +3,19 @@ pretrains on, and what GRPO chooses among.
 
 - "direct": the answer at once, with no working. Right only when the model can add up the whole chain
   "in its head", which a tiny model cannot for long chains.
-- "steps": one operation per sentence, then what is left of the chain ("3+4=7, so 7-2+5. 7-2=5, so 5+5.
-  5+5=10."): each step reads its operands from the sentence before, not from a position in the question.
-- "check": each operation followed by its check by the inverse operation ("3+4=7, check: 7-4=3 vs 3,
-  right, so ..."). The longest, and the only one that catches a slip: a slipped step's check does not
-  give back the operand, and the step is redone ("3+4=8, check: 8-4=4 vs 3, wrong. Wait, redo: 3+4=7,
-  check: 7-4=3 vs 3, right, so ...").
+- "steps": one operation per sentence, then what is left of the chain ("3+4=7, so 7-2+1. 7-2=5, so 5+1.
+  5+1=6."): each step reads its operands from the sentence before, not from a position in the question.
+- "check": the same, each hard operation (second operand HARD_FROM or more) followed by its check by the
+  inverse operation ("3+6=9, check: 9-6=3 vs 3, right, so ..."). Longer, and the only one that catches
+  a slip: a slipped step's check does not give back the operand, and the step is redone ("3+6=8, check:
+  8-6=2 vs 3, wrong. Wait, redo: 3+6=9, check: 9-6=3 vs 3, right, so ...").
 
-A writer slips with probability `slip_rate` at each operation (in "steps" and "check": a value off by
-1 or 2, which the rest of a "steps" solution carries on from), as people do: what the base model learns
-from these texts is to slip at that rate too, and only checking recovers. Nothing here is scored: the
-rewards see the final answer and the tags only.
+A hurried writer slips on hard operations, with probability `slip_rate` each (in "steps" and "check"),
+always to the same wrong value for the same operation, one off (which the rest of a "steps" solution
+carries on from); easy ones never slip. A slip is thus what the writer believes the fact to be as often
+as not, not noise: sampling colder does not remove it from the base model, and unlearning it takes one
+fact at a time, while checking catches every one. Nothing here is scored: the rewards see the final
+answer and the tags only.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from typing import Any, Callable
 
 STRATEGIES = ("direct", "steps", "check")
 _INVERSE = {"+": "-", "-": "+"}
+HARD_FROM = 5  # an operation is hard, and may slip, when its second operand is at least this
 
 
-def _slipped(value: int, rng: random.Random) -> int:
-    return value + rng.choice([-2, -1, 1, 2])
+def _slipped(a: int, op: str, b: int, value: int) -> int:
+    """The one wrong value a hurried writer gives for this operation: one off, up or down as the operands
+    fall (not by one rule the model could unlearn in one move), within 0..9."""
+    off = 1 if (a + 2 * b + (op == "+")) % 2 else -1
+    return value + off if 0 <= value + off <= 9 else value - off
 
 
 def _checked(a: int, op: str, b: int, value: int) -> str:
@@ -47,8 +53,9 @@ def write(sample: dict[str, Any], strategy: str, rng: random.Random, slip_rate: 
     for i in range(1, len(text), 2):  # each step's left operand is the running total
         a, op, b, rest = total, text[i], int(text[i + 1]), text[i + 2:]
         right = a + b if op == "+" else a - b
-        value = _slipped(right, rng) if rng.random() < slip_rate else right
-        if strategy == "check":
+        hard = b >= HARD_FROM
+        value = _slipped(a, op, b, right) if hard and rng.random() < slip_rate else right
+        if strategy == "check" and hard:
             work = _checked(a, op, b, value)
             if value != right:
                 work += ". Wait, redo: " + _checked(a, op, b, right)
