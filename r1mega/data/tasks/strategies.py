@@ -12,8 +12,8 @@ pretrains on, and what GRPO chooses among.
 
 A hurried writer slips on hard operations, with probability `slip_rate` each (in "steps" and "check"),
 always to the same wrong value for the same operation, one off (which the rest of a "steps" solution
-carries on from); easy ones never slip. A slip is thus what the writer believes the fact to be as often
-as not, not noise: sampling colder does not remove it from the base model, and unlearning it takes one
+carries on from); easy ones never slip. A slip is thus one fixed belief about the fact, held at that rate,
+not noise: sampling colder does not remove it from the base model, and unlearning it takes one
 fact at a time, while checking catches every one. Nothing here is scored: the rewards see the final
 answer and the tags only.
 """
